@@ -1,0 +1,3 @@
+"""nacd: neighbour-aware corpus distillation."""
+
+__version__ = "0.1.0"

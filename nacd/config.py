@@ -1,0 +1,255 @@
+"""One validated schema for a run: YAML in, CLI overrides on top, every user-facing value here once.
+
+Each stage takes the section it needs (``cfg.distill``, ``cfg.experts`` ...). Unknown keys and
+wrong types are errors that name the dotted key, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, worded for the user: it names the file and the dotted key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- storage
+class StorageConfig(Section):
+    """Where artifacts and trajectories live. Credentials are never config values: they come
+    from the standard AWS environment (AWS_ACCESS_KEY_ID, ...) or a Kubernetes Secret."""
+
+    root: str = "./nacd-runs"  # a folder or s3://bucket/prefix
+    endpoint_url: str | None = None  # MinIO / Ceph; falls back to AWS_ENDPOINT_URL
+    region: str | None = None  # falls back to AWS_REGION / AWS_DEFAULT_REGION
+    retries: int = Field(5, ge=0)
+
+
+# --------------------------------------------------------------------------- data
+class DataSourceConfig(Section):
+    """One instruction dataset in a mixture."""
+
+    name: str  # built-in (arc_easy, mmlu, lima, dolly_open_qa, flan_v2_cot) or a path / hub id / s3 URI
+    format: Literal["auto", "alpaca", "messages", "dolly", "flan_cot", "arc", "mmlu"] = "auto"
+    split: str = "train"
+    weight: float = Field(1.0, gt=0)
+    max_rows: int | None = Field(None, gt=0)
+
+
+class DataConfig(Section):
+    sources: list[DataSourceConfig] = Field(default_factory=lambda: [DataSourceConfig(name="arc_easy")])
+    data_dir: str | None = None  # local folder laid out like shared/data; None = hub
+    template: Literal["plain", "chat"] = "plain"  # plain text transfers across tokenizers
+    max_length: int = Field(256, gt=8)
+    overflow: Literal["truncate", "drop"] = "drop"
+    pool_size: int | None = Field(None, gt=0)  # cap the mixture (seeded subsample)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> DataConfig:
+        if not self.sources:
+            raise ValueError("data.sources is empty: name at least one dataset")
+        return self
+
+
+# --------------------------------------------------------------------------- models
+class ParamSpaceConfig(Section):
+    """Which parameters are trained and therefore recorded in trajectories and matched."""
+
+    kind: Literal["lora", "full"] = "lora"
+    lora_r: int = Field(8, gt=0)
+    lora_alpha: float = 16.0
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None  # None: per-family default (nacd.models)
+
+
+class SourceModelConfig(Section):
+    name: str = "smollm2-135m-instruct"  # registry name, hub id, local dir or s3:// dir
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    param_space: ParamSpaceConfig = Field(default_factory=ParamSpaceConfig)
+
+
+# --------------------------------------------------------------------------- experts
+class ExpertsConfig(Section):
+    num_experts: int = Field(2, gt=0)
+    base_seed: int = 0  # expert i trains with seed base_seed + i
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs when set
+    optimizer: Literal["sgd", "sgd_momentum", "adamw"] = "sgd"
+    lr: float = Field(1e-2, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    micro_batch: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    save_every: int = Field(10, gt=0)  # K: optimizer steps between checkpoints
+    save_epoch_end: bool = False
+    storage_dtype: Literal["float32", "bfloat16"] = "float32"
+    shard_max_bytes: int = Field(256 * 2**20, gt=0)
+    deepspeed: str | None = None  # preset name (zero0..zero3) or path to a DeepSpeed JSON
+
+
+# --------------------------------------------------------------------------- distillation
+class DistillConfig(Section):
+    prompt_len: int = Field(8, gt=0)  # P learnable embeddings per sample
+    learnable_instruction: bool = False
+    init: Literal["random_vocab", "seed_tokens", "gaussian"] = "random_vocab"
+    init_std: float = Field(0.02, gt=0)  # for init=gaussian
+    syn_steps: int = Field(4, gt=0)  # N student steps
+    expert_epochs: int = Field(2, gt=0)  # M: checkpoints between start and target
+    max_start: int = Field(4, gt=0)  # start checkpoint t < max_start
+    batch_syn: int = Field(4, gt=0)  # synthetic samples per student step
+    iterations: int = Field(50, gt=0)
+    lr_embeddings: float = Field(1e-3, gt=0)
+    lr_alpha: float = Field(1e-2, gt=0)
+    init_alpha: float = Field(1e-2, gt=0)  # student lr = exp(log_alpha), starts here
+    max_alpha: float = Field(10.0, gt=0)  # guard against alpha blow-up
+    beta: float = Field(0.1, ge=0)  # neighbour regulariser weight
+    distance: Literal["euclidean", "cosine"] = "euclidean"
+    grad_mode: Literal["reverse", "unroll", "first_order"] = "reverse"
+    checkpoint_every: int = Field(10, gt=0)
+    seed: int = 0
+
+
+class SeedSelectionConfig(Section):
+    method: Literal["random"] = "random"
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- baselines
+class LessConfig(Section):
+    warmup_fraction: float = Field(0.05, gt=0, le=1)
+    warmup_epochs: int = Field(4, gt=0)
+    warmup_lr: float = Field(2e-5, gt=0)
+    proj_dim: int = Field(8192, gt=0)
+    target_benchmark: str = "arc_easy"
+    target_split: str = "validation"
+    target_examples: int | None = Field(None, gt=0)  # validation examples used for gradients
+    seed: int = 0
+
+
+class SelectionConfig(Section):
+    seed: int = 0  # random baseline
+    less: LessConfig = Field(default_factory=LessConfig)
+
+
+# --------------------------------------------------------------------------- evaluation
+class FinetuneConfig(Section):
+    """The fixed recipe every data variant is trained with, so variants differ only in data."""
+
+    epochs: float = Field(3.0, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    micro_batch: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_length: int = Field(256, gt=8)
+    param_space: ParamSpaceConfig = Field(default_factory=ParamSpaceConfig)
+    seed: int = 0
+
+
+class BenchmarkConfig(Section):
+    name: Literal["arc_easy", "mmlu"] = "arc_easy"
+    split: str = "validation"
+    shots: int = Field(0, ge=0)
+    limit: int | None = Field(None, gt=0)
+
+
+class EvaluationConfig(Section):
+    targets: list[str] = Field(default_factory=lambda: ["smollm2-135m-instruct", "gemma3-270m"])
+    variants: list[Literal["distilled", "random", "less", "full", "none"]] = Field(
+        default_factory=lambda: ["distilled", "random", "less", "none"])
+    benchmarks: list[BenchmarkConfig] = Field(default_factory=lambda: [BenchmarkConfig()])
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    batch_size: int = Field(8, gt=0)
+
+
+# --------------------------------------------------------------------------- the run
+class RunConfig(Section):
+    name: str = "nacd"
+    budget: float = Field(0.05, gt=0)  # <1: fraction of the pool; >=1: number of samples
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    source: SourceModelConfig = Field(default_factory=SourceModelConfig)
+    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
+    seed_selection: SeedSelectionConfig = Field(default_factory=SeedSelectionConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+
+def budget_count(budget: float, pool_size: int) -> int:
+    """Samples in a budget: a fraction (<1) of the pool or an absolute count (>=1)."""
+    if pool_size <= 0:
+        raise ConfigError("budget: the data pool is empty")
+    count = round(budget * pool_size) if budget < 1 else int(budget)
+    if count < 1:
+        raise ConfigError(f"budget: {budget} of a pool of {pool_size} selects no sample")
+    if count > pool_size:
+        raise ConfigError(f"budget: {count} samples asked but the pool has only {pool_size}")
+    return count
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{origin}: unknown key '{key}'")
+        else:
+            lines.append(f"{origin}: '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value); the value is parsed as YAML (1e-3, true, [a, b])."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. distill.iterations=20")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set {item!r}: empty key")
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (or the defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
+    origin = str(path) if path else "<defaults>"
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, origin)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

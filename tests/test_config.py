@@ -1,0 +1,42 @@
+import pytest
+
+from nacd.config import ConfigError, budget_count, load_config
+
+
+def test_defaults_validate():
+    cfg = load_config()
+    assert cfg.source.name == "smollm2-135m-instruct"
+    assert cfg.distill.grad_mode == "reverse"
+
+
+def test_override_sets_nested_value_with_yaml_typing():
+    cfg = load_config(overrides=["distill.iterations=7", "distill.beta=0.5", "data.template=chat"])
+    assert cfg.distill.iterations == 7 and cfg.distill.beta == 0.5 and cfg.data.template == "chat"
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("distill:\n  iteratons: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'distill.iteratons'"):
+        load_config(p)
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"'distill.syn_steps'"):
+        load_config(overrides=["distill.syn_steps=abc"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/nonexistent/nacd.yaml")
+
+
+@pytest.mark.parametrize("budget,pool,expected", [(0.05, 2251, 113), (10, 2251, 10), (1.0, 7, 1)])
+def test_budget_count(budget, pool, expected):
+    assert budget_count(budget, pool) == expected
+
+
+@pytest.mark.parametrize("budget,pool", [(0.0001, 100), (500, 100)])
+def test_impossible_budget(budget, pool):
+    with pytest.raises(ConfigError, match="budget"):
+        budget_count(budget, pool)
