@@ -155,30 +155,27 @@ def _local_file(rel: Callable[[str], str]) -> tuple[Callable, Callable]:
     return expected, read
 
 
-def _mmlu_local(root: Path, split: str) -> list[Record]:
-    folder = root / "mmlu" / MMLU_SPLIT_DIRS[split]
-    files = sorted(folder.glob(f"*_{MMLU_SPLIT_DIRS[split]}.csv"))
+def _per_file(folder: Path, suffix: str, fields: list[str], key: str, what: str) -> list[Record]:
+    """Headerless files ``<name><suffix>`` in one folder (MMLU subjects, FLAN CoT tasks): every row
+    gets ``key`` = the file's ``<name>`` and a stable id ``<name>/<suffix>/<row>``."""
+    files = sorted(folder.glob(f"*{suffix}"))
     if not files:
-        raise DataSourceError(f"MMLU {split}: no <subject>_{MMLU_SPLIT_DIRS[split]}.csv files in {folder}")
+        raise DataSourceError(f"{what}: no <{key}>{suffix} files in {folder}")
     rows = []
     for path in files:
-        subject = path.name[: -len(f"_{MMLU_SPLIT_DIRS[split]}.csv")]
-        for i, row in enumerate(read_delimited(path, ",", MMLU_FIELDS)):
-            rows.append({**row, "subject": subject, "id": f"{subject}/{MMLU_SPLIT_DIRS[split]}/{i}"})
+        name = path.name[: -len(suffix)]
+        for i, row in enumerate(read_delimited(path, "\t" if suffix.endswith(".tsv") else ",", fields)):
+            rows.append({**row, key: name, "id": f"{name}/{suffix.strip('_').split('.')[0]}/{i}"})
     return rows
+
+
+def _mmlu_local(root: Path, split: str) -> list[Record]:
+    d = MMLU_SPLIT_DIRS[split]
+    return _per_file(root / "mmlu" / d, f"_{d}.csv", MMLU_FIELDS, "subject", f"MMLU {split}")
 
 
 def _flan_local(root: Path, split: str) -> list[Record]:
-    folder = root / "flan_v2_cot"
-    files = sorted(folder.glob(f"*_{split}.tsv"))
-    if not files:
-        raise DataSourceError(f"FLAN CoT: no <task>_{split}.tsv files in {folder}")
-    rows = []
-    for path in files:
-        task = path.name[: -len(f"_{split}.tsv")]
-        for i, row in enumerate(read_delimited(path, "\t", FLAN_COT_FIELDS)):
-            rows.append({**row, "task": task, "id": f"{task}/{i}"})
-    return rows
+    return _per_file(root / "flan_v2_cot", f"_{split}.tsv", FLAN_COT_FIELDS, "task", f"FLAN CoT {split}")
 
 
 def _hub(repo: str, config: str | None = None, *, split_map: dict[str, str] | None = None,
