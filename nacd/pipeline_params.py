@@ -1,0 +1,276 @@
+"""Config <-> pipeline parameters, and the small helpers the KFP components call.
+
+No KFP import here: components in ``components/`` are thin wrappers that import this module
+inside their bodies, and the CLI uses it to turn a YAML config into pipeline arguments.
+
+Parameter design (one pipeline parameter per config section):
+- ``name`` (str) and ``budget`` (float) are scalars; every other top-level section of
+  :class:`nacd.config.RunConfig` (``storage``, ``data``, ``source``, ``experts``,
+  ``seed_selection``, ``distill``, ``selection``, ``evaluation``) is one ``dict`` parameter whose
+  default is the schema's default, so the KFP UI shows every value a user may change.
+- Each component receives only the sections it depends on (:data:`STAGE_SECTIONS`) and rebuilds
+  a validated ``RunConfig`` from them (:func:`config_from_sections`); sections it did not get
+  stay at their defaults and the stage does not read them. KFP's cache key covers a task's
+  inputs, so changing ``distill.iterations`` re-runs distill and what consumes its output, never
+  the experts.
+- Evaluation is fanned out by a tiny planning step per data variant (:func:`eval_items`) whose
+  items carry the evaluation settings without the ``targets``/``variants`` lists, so adding a
+  target re-runs only that target's evaluations.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from nacd.config import ConfigError, RunConfig, budget_count, dump_config
+
+SCALARS = ("name", "budget")
+SECTIONS = ("storage", "data", "source", "experts", "seed_selection", "distill", "selection",
+            "evaluation")
+VARIANTS = ("distilled", "random", "less", "full", "none")
+
+# The config sections each stage reads: the component gets exactly these as inputs.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "prepare_data": ("data", "source"),
+    "train_experts": ("source", "experts", "storage"),
+    "select_seeds": ("budget", "seed_selection"),
+    "distill": ("budget", "source", "distill", "storage"),
+    "project_ids": ("source", "distill"),
+    "select_random": ("budget", "selection"),
+    "select_less": ("budget", "source", "selection", "data"),
+    "full_variant": (),
+    "eval_plan": ("evaluation", "data"),
+}
+
+
+# --------------------------------------------------------------------------- config <-> params
+def config_to_params(cfg: RunConfig) -> dict[str, Any]:
+    """The pipeline arguments for a validated config: scalars plus one JSON dict per section.
+
+    ``None`` values are dropped (KFP parameter structs cannot hold null); every field that may
+    be ``None`` defaults to ``None``, so the round trip through :func:`config_from_sections` is
+    exact."""
+    dumped = _drop_none(cfg.model_dump(mode="json"))
+    return {key: dumped[key] for key in (*SCALARS, *SECTIONS)}
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def default_params() -> dict[str, Any]:
+    return config_to_params(RunConfig())
+
+
+def config_from_sections(**sections: Any) -> RunConfig:
+    """Rebuild a validated ``RunConfig`` from the sections a component received."""
+    unknown = set(sections) - set(SCALARS) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown config section(s): {sorted(unknown)}")
+    try:
+        return RunConfig.model_validate({k: v for k, v in sections.items() if v is not None})
+    except Exception as e:  # pydantic's message names the dotted key
+        raise ConfigError(f"pipeline parameters: {e}") from None
+
+
+def stage_params(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """The subset of pipeline arguments a stage's component receives (used for cache reasoning)."""
+    params = config_to_params(cfg)
+    return {key: params[key] for key in STAGE_SECTIONS[stage]}
+
+
+def params_from_overrides(items: Iterable[str], base: Mapping[str, Any] | None = None) -> dict:
+    """``--param distill.iterations=20`` / ``--param budget=0.1`` -> full, validated pipeline args."""
+    from nacd.config import apply_overrides
+
+    data = json.loads(json.dumps(dict(base or default_params())))
+    apply_overrides(data, list(items))
+    try:
+        cfg = RunConfig.model_validate(data)
+    except Exception as e:
+        raise ConfigError(f"--param: {e}") from None
+    return config_to_params(cfg)
+
+
+# --------------------------------------------------------------------------- pre-flight checks
+def pool_upper_bound(cfg: RunConfig) -> int | None:
+    """An upper bound on the prepared pool size known before any data is read, or None."""
+    bounds = []
+    if cfg.data.pool_size is not None:
+        bounds.append(cfg.data.pool_size)
+    rows = [s.max_rows for s in cfg.data.sources]
+    if all(r is not None for r in rows):
+        bounds.append(sum(rows))  # type: ignore[arg-type]
+    return min(bounds) if bounds else None
+
+
+def check_budget(cfg: RunConfig) -> None:
+    """Reject a budget that cannot be met by any pool this config can produce (before a run)."""
+    bound = pool_upper_bound(cfg)
+    if bound is None:
+        return
+    if cfg.budget >= 1:
+        budget_count(cfg.budget, bound)  # raises when the count exceeds the largest possible pool
+    elif round(cfg.budget * bound) < 1:
+        raise ConfigError(f"budget: {cfg.budget} of a pool of at most {bound} selects no sample")
+
+
+# --------------------------------------------------------------------------- evaluation fan-out
+def eval_items(evaluation: Mapping[str, Any], data: Mapping[str, Any], variant: str) -> list[dict]:
+    """The evaluate tasks for one data variant: one item per target, or a single ``skip`` item
+    when the variant is not requested (kfp.local cannot collect from an empty loop)."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown data variant '{variant}' (choose from {', '.join(VARIANTS)})")
+    cfg = config_from_sections(evaluation=dict(evaluation), data=dict(data))
+    settings = cfg.evaluation.model_dump(mode="json")
+    targets = settings.pop("targets")
+    variants = settings.pop("variants")
+    if variant not in variants:
+        return [{"skip": True, "variant": variant}]
+    settings = _drop_none(settings)
+    data_section = _drop_none({"data_dir": cfg.data.data_dir})
+    return [{"skip": False, "variant": variant, "target": t, "evaluation": settings,
+             "data": data_section} for t in targets]
+
+
+def config_for_item(item: Mapping[str, Any]) -> RunConfig:
+    evaluation = dict(item["evaluation"], targets=[item["target"]], variants=[item["variant"]])
+    return config_from_sections(evaluation=evaluation, data=dict(item.get("data") or {}))
+
+
+# --------------------------------------------------------------------------- trajectory store
+def expert_store_uri(cfg: RunConfig, dataset_dir: str, artifact_path: str) -> str:
+    """Where expert trajectories are written.
+
+    With an ``s3://`` storage root every expert of one (dataset, source, experts) configuration
+    writes under the same content-addressed prefix, so distill reads one store by range request.
+    Otherwise the expert writes into its own output artifact and distill links them together."""
+    root = cfg.storage.root
+    if not root.startswith("s3://"):
+        return artifact_path
+    fingerprint = _dataset_fingerprint(dataset_dir)
+    key = hashlib.sha256(json.dumps({
+        "data": fingerprint, "source": cfg.source.model_dump(mode="json"),
+        "experts": cfg.experts.model_dump(mode="json"),
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{root.rstrip('/')}/trajectories/{key}"
+
+
+def _dataset_fingerprint(dataset_dir: str) -> str:
+    meta = Path(dataset_dir) / "prepare.json"
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("fingerprint", "")
+    return hashlib.sha256(str(dataset_dir).encode()).hexdigest()
+
+
+def merge_stores(store_uris: list[str], work_dir: str) -> str:
+    """One store URI holding every expert: the shared S3 prefix, or a local folder of links.
+
+    Each local expert artifact holds ``experts/expert-NNN/``; the links make them one store
+    without copying checkpoints."""
+    uris = sorted(set(store_uris))
+    if not uris:
+        raise ValueError("distill: no expert trajectories were given")
+    if len(uris) == 1:
+        return uris[0]
+    if any(u.startswith("s3://") for u in uris):
+        raise ValueError(f"distill: experts were written to different S3 prefixes: {uris}")
+    merged = Path(work_dir) / "experts"
+    merged.mkdir(parents=True, exist_ok=True)
+    for uri in uris:
+        experts = Path(uri) / "experts"
+        if not experts.is_dir():
+            raise ValueError(f"distill: {uri} holds no experts/ folder")
+        for expert in sorted(experts.iterdir()):
+            link = merged / expert.name
+            if link.exists() or link.is_symlink():
+                raise ValueError(f"distill: expert {expert.name} appears in two stores")
+            link.symlink_to(expert.resolve(), target_is_directory=True)
+    return str(Path(work_dir))
+
+
+def run_train_expert(cfg: RunConfig, dataset_dir: str, store_uri: str, expert_index: int,
+                     num_gpus: int) -> dict:
+    """Train one expert: in-process on CPU / one GPU, or one process per GPU under torchrun
+    (DeepSpeed's engine then spans the pod's GPUs; rank 0 writes the store)."""
+    if num_gpus <= 1:
+        from nacd.experts import train_expert
+
+        return train_expert(cfg, dataset_dir, store_uri, expert_index)
+    with tempfile.TemporaryDirectory(prefix="nacd-expert-") as tmp:
+        cfg_path = Path(tmp) / "config.yaml"
+        cfg_path.write_text(dump_config(cfg))
+        summary = Path(tmp) / "summary.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={num_gpus}", "-m", "nacd.cli", "step", "train-experts",
+               "--config", str(cfg_path), "--dataset", dataset_dir, "--out", store_uri,
+               "--expert-index", str(expert_index), "--summary", str(summary)]
+        subprocess.run(cmd, check=True)
+        return json.loads(summary.read_text()) if summary.is_file() else {}
+
+
+# --------------------------------------------------------------------------- metrics
+def flat_metrics(summary: Any, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a stage summary as ``a.b`` -> float (what KFP Metrics can show)."""
+    out: dict[str, float] = {}
+    if isinstance(summary, Mapping):
+        for k, v in summary.items():
+            out.update(flat_metrics(v, f"{prefix}{k}."))
+    elif isinstance(summary, bool):
+        out[prefix.rstrip(".")] = float(summary)
+    elif isinstance(summary, (int, float)) and math.isfinite(summary):
+        out[prefix.rstrip(".")] = float(summary)
+    return out
+
+
+def log_metrics(metrics: Any, summary: Any) -> dict[str, float]:
+    """Log a summary on a KFP ``Metrics`` artifact (duck-typed: anything with ``log_metric``)."""
+    flat = flat_metrics(summary)
+    for key, value in flat.items():
+        metrics.log_metric(key, value)
+    return flat
+
+
+def score_metrics(rows: list[Mapping[str, Any]]) -> dict[str, float]:
+    out = {}
+    for row in rows:
+        for field in ("acc", "acc_norm"):
+            if isinstance(row.get(field), (int, float)):
+                out[f"{row['target']}.{row['variant']}.{row['benchmark']}.{field}"] = float(row[field])
+    return out
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomic JSON write (temp file + rename): a crash never leaves half a file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move a finished folder into place, replacing an older one."""
+    dst = Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(src, dst)
+
+
+def load_yaml_params(path: str | os.PathLike) -> dict:
+    return yaml.safe_load(Path(path).read_text()) or {}

@@ -1,0 +1,115 @@
+"""The nacd DAG (DESIGN.md "Stages and the DAG"), compiled for a cluster or run by kfp.local.
+
+prepare_data -> train_experts (ParallelFor over expert seeds) -> distill -> project_ids
+             -> select_seeds ---------------------------------^
+             -> select_random, select_less, full_variant
+every variant -> evaluate (ParallelFor over targets, per variant) -> report
+
+Pipeline parameters: ``name``, ``budget`` and one dict per config section, defaults from
+``nacd.config`` (see ``nacd.pipeline_params``), plus the GPU settings of the GPU steps.
+S3 credentials come from a Kubernetes Secret (``s3_secret``) on the cluster and from the
+standard AWS environment locally; they are never parameters.
+"""
+
+from kfp import dsl, kubernetes
+
+from components import stages as c
+from nacd.pipeline_params import default_params
+
+PIPELINE_NAME = "nacd"
+DEFAULT_S3_SECRET = "nacd-s3"
+# Secret data key -> environment variable read by boto3 / pyarrow inside the steps.
+S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                  "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+GPU_TASKS = ("train-experts", "distill", "select-less", "evaluate")
+SHM_SIZE = "16Gi"
+
+_D = default_params()
+
+
+def _on_gpu(task: dsl.PipelineTask, accelerator: str, count) -> dsl.PipelineTask:
+    """GPUs from parameters, and a RAM-backed /dev/shm (NCCL and DataLoader workers need more
+    than the container default of 64 MiB)."""
+    task.set_accelerator_type(accelerator).set_accelerator_limit(count)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                               size_limit=SHM_SIZE)
+    return task
+
+
+def _with_s3(task: dsl.PipelineTask, secret: str) -> dsl.PipelineTask:
+    # optional: a run against a local-folder store needs no Secret at all.
+    kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=S3_SECRET_KEYS,
+                                 optional=True)
+    return task
+
+
+def build_pipeline(s3_secret: str = DEFAULT_S3_SECRET):
+    """The pipeline function; ``s3_secret`` names the Kubernetes Secret with S3 credentials."""
+
+    @dsl.pipeline(name=PIPELINE_NAME,
+                  description="Neighbour-aware corpus distillation: experts, trajectory "
+                              "matching, ID projection, baselines, per-architecture evaluation.")
+    def nacd_pipeline(
+        name: str = _D["name"],
+        budget: float = _D["budget"],
+        storage: dict = _D["storage"],
+        data: dict = _D["data"],
+        source: dict = _D["source"],
+        experts: dict = _D["experts"],
+        seed_selection: dict = _D["seed_selection"],
+        distill: dict = _D["distill"],
+        selection: dict = _D["selection"],
+        evaluation: dict = _D["evaluation"],
+        accelerator: str = "nvidia.com/gpu",
+        gpus_per_expert: int = 1,
+        gpus_per_step: int = 1,
+    ):
+        prep = c.prepare_data(data=data, source=source).set_display_name("prepare data")
+        _with_s3(prep, s3_secret)
+        dataset = prep.outputs["dataset"]
+
+        plan = c.expert_indices(experts=experts).set_display_name("plan experts")
+        with dsl.ParallelFor(plan.output, name="experts") as index:
+            expert = c.train_experts(source=source, experts=experts, storage=storage,
+                                     expert_index=index, num_gpus=gpus_per_expert,
+                                     dataset=dataset).set_display_name("train expert")
+            _with_s3(_on_gpu(expert, accelerator, gpus_per_expert), s3_secret)
+
+        seeds = c.select_seeds(budget=budget, seed_selection=seed_selection, dataset=dataset)
+        dist = c.distill(budget=budget, source=source, distill=distill, storage=storage,
+                         num_gpus=gpus_per_step, dataset=dataset, seeds=seeds.outputs["seeds"],
+                         stores=dsl.Collected(expert.outputs["store"]))
+        _with_s3(_on_gpu(dist, accelerator, gpus_per_step), s3_secret)
+        proj = c.project_ids(source=source, distill=distill, synthetic=dist.outputs["synthetic"])
+
+        rand = c.select_random(budget=budget, selection=selection, dataset=dataset)
+        less = c.select_less(budget=budget, source=source, selection=selection, data=data,
+                             num_gpus=gpus_per_step, dataset=dataset)
+        _on_gpu(less, accelerator, gpus_per_step)
+        full = c.full_variant(dataset=dataset)
+
+        variant_data = {"distilled": proj.outputs["distilled"], "random": rand.outputs["variant"],
+                        "less": less.outputs["variant"], "full": full.outputs["variant"],
+                        "none": None}
+        collected = {}
+        for variant, artifact in variant_data.items():
+            items = c.eval_plan(evaluation=evaluation, data=data, variant=variant)
+            items.set_display_name(f"plan {variant}")
+            with dsl.ParallelFor(items.output, name=f"evaluate-{variant}") as item:
+                kwargs = {} if artifact is None else {"variant_data": artifact}
+                ev = c.evaluate(item=item, num_gpus=gpus_per_step, **kwargs)
+                ev.set_display_name(f"evaluate {variant}")
+                _on_gpu(ev, accelerator, gpus_per_step)
+            collected[variant] = dsl.Collected(ev.outputs["scores"])
+
+        rep = c.report(**collected).set_display_name("report")
+        rep.set_caching_options(False)  # always re-rendered from the current scores
+
+    return nacd_pipeline
+
+
+def compile_pipeline(path: str, s3_secret: str = DEFAULT_S3_SECRET) -> str:
+    from kfp import compiler
+
+    compiler.Compiler().compile(build_pipeline(s3_secret), package_path=path)
+    return path

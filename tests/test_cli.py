@@ -1,0 +1,78 @@
+"""The nacd CLI: bad config -> one clear line naming the key, non-zero exit, no run folder."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def nacd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nacd.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("content, override, needle", [
+    ("distill:\n  iterationz: 3\n", [], "unknown key 'distill.iterationz'"),
+    ("experts:\n  lr: fast\n", [], "'experts.lr'"),
+    ("budget: 500\ndata:\n  sources: [{name: arc_easy, max_rows: 20}]\n", [],
+     "budget: 500 samples asked but the pool has only 20"),
+    ("budget: 0.01\ndata:\n  pool_size: 30\n", [], "selects no sample"),
+    ("name: ok\n", ["--set", "distill.beta=-1"], "'distill.beta'"),
+    ("name: ok\n", ["--data-dir", "/nonexistent/data"], "--data-dir: folder not found"),
+])
+def test_bad_config_is_one_line_and_makes_no_run_folder(tmp_path, content, override, needle):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(content)
+    proc = nacd("run", "--config", str(cfg), *override, cwd=tmp_path)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("nacd: error: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "nacd-runs").exists()
+
+
+def test_missing_config_file(tmp_path):
+    proc = nacd("run", "--config", "nope.yaml", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "nacd: error: config file not found: nope.yaml"
+    assert not (tmp_path / "nacd-runs").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = nacd("--debug", "run", "--config", "nope.yaml", cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def test_step_needs_its_inputs(tmp_path):
+    proc = nacd("step", "distill", "--config", str(REPO / "configs" / "tiny.yaml"),
+                "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "needs --dataset, --seeds, --store" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_submit_arguments_from_config_and_params():
+    from nacd.cli import submit_arguments
+
+    args = submit_arguments(str(REPO / "configs" / "opt-to-llama.yaml"),
+                            ["distill.iterations=20", "storage.root=s3://b/p"])
+    assert args["distill"]["iterations"] == 20
+    assert args["storage"]["root"] == "s3://b/p"
+    assert args["source"]["name"] == "facebook/opt-1.3b"
+    assert args["budget"] == 0.05
+    from nacd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key 'distill.nope'"):
+        submit_arguments(None, ["distill.nope=1"])
+
+
+def test_library_does_not_import_kfp():
+    code = ("import sys, nacd.cli, nacd.pipeline_params, nacd.report, nacd.config; "
+            "print('kfp' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.stdout.strip() == "False", out.stderr
