@@ -95,6 +95,14 @@ class ExpertsConfig(Section):
     storage_dtype: Literal["float32", "bfloat16"] = "float32"
     shard_max_bytes: int = Field(256 * 2**20, gt=0)
     deepspeed: str | None = None  # preset name (zero0..zero3) or path to a DeepSpeed JSON
+    num_procs: int = Field(1, gt=0)  # processes per expert (torchrun); >1 needs deepspeed
+    log_every: int = Field(1, gt=0)  # optimizer steps between loss log lines
+
+    @model_validator(mode="after")
+    def _procs_need_deepspeed(self) -> ExpertsConfig:
+        if self.num_procs > 1 and not self.deepspeed:
+            raise ValueError("experts.num_procs > 1 needs experts.deepspeed (e.g. zero2)")
+        return self
 
 
 # --------------------------------------------------------------------------- distillation
@@ -120,19 +128,36 @@ class DistillConfig(Section):
 
 
 class SeedSelectionConfig(Section):
+    """The K = budget real samples the synthetic set is built on (nacd.selection.seeds)."""
+
     method: Literal["random"] = "random"
-    seed: int = 0
+    seed: int = 0  # equal to selection.seed: the seeds are exactly the random baseline's rows
 
 
 # --------------------------------------------------------------------------- baselines
 class LessConfig(Section):
+    """LESS (Xia et al. 2024) as published: warm-up LoRA with AdamW on a random fraction of the
+    pool, one checkpoint per epoch, Adam-preconditioned train gradients vs SGD target gradients,
+    random projection, cosine, lr-weighted sum over checkpoints, max over target subtasks."""
+
     warmup_fraction: float = Field(0.05, gt=0, le=1)
     warmup_epochs: int = Field(4, gt=0)
-    warmup_lr: float = Field(2e-5, gt=0)
+    warmup_lr: float = Field(2e-5, gt=0)  # peak lr; LESS: 2e-5, linear decay, 3 % warm-up
+    warmup_schedule: Literal["linear", "constant", "cosine"] = "linear"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)  # share of optimizer steps with lr ramping up
+    weight_decay: float = Field(0.0, ge=0)
+    micro_batch: int = Field(4, gt=0)  # examples per forward pass in the warm-up
+    grad_accum: int = Field(1, gt=0)  # LESS: 128 examples per optimizer step on 4 GPUs
     proj_dim: int = Field(8192, gt=0)
-    target_benchmark: str = "arc_easy"
-    target_split: str = "validation"
-    target_examples: int | None = Field(None, gt=0)  # validation examples used for gradients
+    proj_type: Literal["rademacher", "gaussian"] = "rademacher"
+    proj_batch: int = Field(16, gt=0)  # gradients projected together (one pass over the matrix)
+    target_benchmark: Literal["arc_easy", "mmlu"] = "arc_easy"
+    # None: mmlu -> "dev" (LESS: the 5 exemplars per subject), arc_easy -> "train"
+    target_split: str | None = None
+    # per target subtask (seeded sample; MMLU dev has 5 per subject); None = the whole split
+    target_examples: int | None = Field(32, gt=0)
+    # Target gradients from a split that is also scored leak the evaluation set into selection.
+    allow_eval_overlap: bool = False
     seed: int = 0
 
 
