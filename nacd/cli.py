@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -175,10 +174,9 @@ def _step_prepare(cfg, a):
 
 
 def _step_train_experts(cfg, a):
-    from nacd.experts import train_expert
+    from nacd.experts import train_experts
 
-    indices = [a.expert_index] if a.expert_index is not None else range(cfg.experts.num_experts)
-    return {f"expert-{i:03d}": train_expert(cfg, a.dataset, a.out, i) for i in indices}
+    return train_experts(cfg, a.dataset, a.out, a.expert_index)
 
 
 def _step_select_seeds(cfg, a):
@@ -258,9 +256,7 @@ def cmd_step(args: argparse.Namespace) -> int:
     summary = STEPS[args.name](cfg, args)
     text = json.dumps(summary, indent=2, default=str)
     if args.summary:
-        # torchrun starts one process per GPU; only rank 0 reports.
-        if os.environ.get("RANK", "0") == "0":
-            Path(args.summary).write_text(text)
+        Path(args.summary).write_text(text)
     print(text)
     return 0
 
@@ -314,6 +310,28 @@ def cmd_submit(args: argparse.Namespace) -> int:
             package, arguments=arguments, experiment_name=args.experiment,
             run_name=args.run_name, enable_caching=True)
     print(f"submitted run {run.run_id} to {args.host} (experiment {args.experiment})")
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    import tempfile
+
+    module = _pipeline_module()
+    package = Path(args.package)
+    if not package.is_file():
+        raise CliError(f"--package: file not found: {package}")
+    tolerations = json.loads(args.tolerations) if args.tolerations else []
+    if not isinstance(tolerations, list):
+        raise CliError("--tolerations: expected a JSON list of toleration objects")
+    text = module.customize_ir(package.read_text(), args.param, tolerations)
+    with tempfile.TemporaryDirectory() as tmp:
+        final = Path(tmp) / "nacd_pipeline.yaml"
+        final.write_text(text)
+        if args.dry_run:
+            print(text)
+            return 0
+        version = module.upload(args.host, str(final), args.pipeline_name, args.version)
+    print(f"uploaded {args.pipeline_name} version {args.version} ({version}) to {args.host}")
     return 0
 
 
@@ -381,6 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--gpus-per-expert", type=int)
     u.add_argument("--gpus-per-step", type=int)
     u.set_defaults(func=cmd_submit)
+
+    up = sub.add_parser("upload", help="upload a compiled pipeline as a new version (Helm hook)")
+    up.add_argument("--host", required=True)
+    up.add_argument("--package", required=True, help="compiled pipeline YAML")
+    up.add_argument("--pipeline-name", default="nacd")
+    up.add_argument("--version", required=True, help="version name, e.g. the chart revision")
+    up.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="default of the uploaded version, e.g. storage.root=s3://bucket/nacd")
+    up.add_argument("--tolerations", help="JSON list of tolerations added to the GPU tasks")
+    up.add_argument("--dry-run", action="store_true", help="print the customised YAML instead")
+    up.set_defaults(func=cmd_upload)
     return p
 
 

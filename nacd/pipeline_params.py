@@ -23,16 +23,11 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import yaml
-
-from nacd.config import ConfigError, RunConfig, budget_count, dump_config
+from nacd.config import ConfigError, RunConfig, budget_count
 
 SCALARS = ("name", "budget")
 SECTIONS = ("storage", "data", "source", "experts", "seed_selection", "distill", "selection",
@@ -205,22 +200,18 @@ def merge_stores(store_uris: list[str], work_dir: str) -> str:
 
 def run_train_expert(cfg: RunConfig, dataset_dir: str, store_uri: str, expert_index: int,
                      num_gpus: int) -> dict:
-    """Train one expert: in-process on CPU / one GPU, or one process per GPU under torchrun
-    (DeepSpeed's engine then spans the pod's GPUs; rank 0 writes the store)."""
-    if num_gpus <= 1:
-        from nacd.experts import train_expert
+    """Train one expert on the pod's GPUs: one process per GPU under torchrun with DeepSpeed
+    (``nacd.experts.launch_train_expert``; rank 0 writes the store), in-process otherwise."""
+    from nacd.experts import launch_train_expert
 
-        return train_expert(cfg, dataset_dir, store_uri, expert_index)
-    with tempfile.TemporaryDirectory(prefix="nacd-expert-") as tmp:
-        cfg_path = Path(tmp) / "config.yaml"
-        cfg_path.write_text(dump_config(cfg))
-        summary = Path(tmp) / "summary.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={num_gpus}", "-m", "nacd.cli", "step", "train-experts",
-               "--config", str(cfg_path), "--dataset", dataset_dir, "--out", store_uri,
-               "--expert-index", str(expert_index), "--summary", str(summary)]
-        subprocess.run(cmd, check=True)
-        return json.loads(summary.read_text()) if summary.is_file() else {}
+    experts = cfg.experts
+    if num_gpus > 1 and experts.num_procs != num_gpus:
+        # The pod's GPU count decides the process count; ZeRO-0 (plain data parallel under the
+        # DeepSpeed engine) when the config names no DeepSpeed preset.
+        experts = experts.model_copy(update={"num_procs": num_gpus,
+                                             "deepspeed": experts.deepspeed or "zero0"})
+        cfg = cfg.model_copy(update={"experts": experts})
+    return launch_train_expert(cfg, dataset_dir, store_uri, expert_index)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -262,15 +253,3 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
-
-
-def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Move a finished folder into place, replacing an older one."""
-    dst = Path(dst)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(src, dst)
-
-
-def load_yaml_params(path: str | os.PathLike) -> dict:
-    return yaml.safe_load(Path(path).read_text()) or {}

@@ -113,3 +113,56 @@ def compile_pipeline(path: str, s3_secret: str = DEFAULT_S3_SECRET) -> str:
 
     compiler.Compiler().compile(build_pipeline(s3_secret), package_path=path)
     return path
+
+
+# --------------------------------------------------------------------------- deploy-time edits
+RUN_SETTINGS = ("accelerator", "gpus_per_expert", "gpus_per_step")
+
+
+def customize_ir(ir_text: str, params: list[str], tolerations: list[dict] | None = None) -> str:
+    """A compiled pipeline with site settings applied, as the Helm hook uploads it.
+
+    ``params`` (``storage.root=s3://b/p``, ``gpus_per_expert=4`` ...) become the defaults of the
+    uploaded version, validated against the config schema; ``tolerations`` are added to every
+    GPU task (Kubernetes toleration dicts)."""
+    import yaml
+
+    from nacd.pipeline_params import params_from_overrides
+
+    docs = list(yaml.safe_load_all(ir_text))
+    spec = docs[0]
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    run_items = [p for p in params if p.split("=", 1)[0] in RUN_SETTINGS]
+    config_items = [p for p in params if p not in run_items]
+    current = {k: v["defaultValue"] for k, v in inputs.items() if k not in RUN_SETTINGS}
+    for key, value in params_from_overrides(config_items, base=current).items():
+        inputs[key]["defaultValue"] = value
+    for item in run_items:
+        key, raw = item.split("=", 1)
+        inputs[key]["defaultValue"] = raw if key == "accelerator" else int(raw)
+    if tolerations:
+        if len(docs) < 2:
+            docs.append({"platforms": {"kubernetes": {"deploymentSpec": {"executors": {}}}}})
+        executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        for label in spec["deploymentSpec"]["executors"]:
+            if label.removeprefix("exec-").rstrip("-0123456789") in GPU_TASKS:
+                executors.setdefault(label, {}).setdefault("tolerations", []).extend(
+                    dict(t) for t in tolerations)
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+def upload(host: str, package: str, pipeline_name: str, version: str,
+           description: str = "") -> str:
+    """Upload ``package`` as a new version of ``pipeline_name`` (the pipeline is created on
+    first upload); returns the version id."""
+    import kfp
+
+    client = kfp.Client(host=host)
+    pipeline_id = client.get_pipeline_id(pipeline_name)
+    if pipeline_id is None:
+        pipeline = client.upload_pipeline(package, pipeline_name=pipeline_name,
+                                          description=description)
+        return pipeline.pipeline_id
+    result = client.upload_pipeline_version(package, pipeline_version_name=version,
+                                            pipeline_id=pipeline_id)
+    return result.pipeline_version_id
