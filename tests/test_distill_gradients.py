@@ -1,0 +1,179 @@
+"""The gradient engines: unroll vs finite differences, reverse == unroll, engine == the shared reference."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import MTT_REFERENCE
+from nacd.config import ParamSpaceConfig
+from nacd.distill.gradients import (first_order_gradients, reverse_gradients, total_gradients,
+                                    unroll_gradients)
+from nacd.distill.losses import Student, neighbour_loss
+from nacd.distill.synthetic import SyntheticSet
+from nacd.models import ParamSpace, build_tiny_model, make_trainable
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def setup(name: str, kind: str, dtype: torch.dtype, *, steps: int = 3, vocab: int = 512, k: int = 4,
+          length: int = 6, prompt_len: int = 3, instruction: bool = False, alpha: float = 0.05):
+    """A tiny model, a start point away from LoRA's B=0 (so every Hessian block is non-zero),
+    a nearby target, seeds with one padded sample, and a fixed minibatch schedule."""
+    model = build_tiny_model(name, vocab_size=vocab)
+    cfg = ParamSpaceConfig(kind=kind)
+    model = make_trainable(model, cfg)
+    space = ParamSpace.from_model(model, cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.to(dtype)
+    student = Student.from_model(model, space)
+    g = torch.Generator().manual_seed(1)
+    start = space.get(model) + 0.05 * torch.randn(space.numel, generator=g, dtype=dtype)
+    target = start + 0.01 * torch.randn(space.numel, generator=g, dtype=dtype)
+    ids = torch.randint(0, vocab, (k, length), generator=g)
+    labels = ids.clone()
+    labels[:, : length // 2] = -100
+    mask = torch.ones(k, length, dtype=torch.long)
+    mask[0, -1] = 0
+    labels[0, -1] = -100
+    syn = SyntheticSet.init(student.table, ids, labels, mask, prompt_len=prompt_len, init="gaussian",
+                            init_std=0.1, init_alpha=alpha, learnable_instruction=instruction, generator=g)
+    schedule = [torch.randperm(k, generator=g)[:2] for _ in range(steps)]
+    return student, start, target, syn, schedule
+
+
+def test_unroll_matches_central_finite_differences_float64():
+    student, start, target, syn, schedule = setup("tiny-llama", "lora", torch.float64, steps=2,
+                                                  instruction=True)
+    out = unroll_gradients(student, start, target, syn, schedule)
+
+    def l_match(s: SyntheticSet) -> float:
+        return unroll_gradients(student, start, target, s, schedule).l_match
+
+    eps = 1e-5
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):  # random prompt coordinates
+        i = tuple(int(torch.randint(n, (1,), generator=g)) for n in syn.prompt_embeds.shape)
+        plus, minus = (SyntheticSet(**{**syn.__dict__, "prompt_embeds": syn.prompt_embeds.clone()})
+                       for _ in range(2))
+        plus.prompt_embeds[i] += eps
+        minus.prompt_embeds[i] -= eps
+        fd = (l_match(plus) - l_match(minus)) / (2 * eps)
+        assert fd == pytest.approx(float(out.grad_prompt[i]), rel=1e-6, abs=1e-10)
+    # an instruction coordinate (learnable instruction position of sample 1)
+    pos = int(syn.instruction_mask[1].nonzero()[0])
+    plus, minus = (SyntheticSet(**{**syn.__dict__, "instruction_embeds": syn.instruction_embeds.clone()})
+                   for _ in range(2))
+    plus.instruction_embeds[1, pos, 0] += eps
+    minus.instruction_embeds[1, pos, 0] -= eps
+    fd = (l_match(plus) - l_match(minus)) / (2 * eps)
+    assert fd == pytest.approx(float(out.grad_instruction[1, pos, 0]), rel=1e-6)
+    # log_alpha
+    plus, minus = (SyntheticSet(**{**syn.__dict__, "log_alpha": syn.log_alpha + d}) for d in (eps, -eps))
+    fd = (l_match(plus) - l_match(minus)) / (2 * eps)
+    assert fd == pytest.approx(float(out.grad_log_alpha), rel=1e-6)
+    assert float(out.grad_log_alpha) != 0.0
+
+
+@pytest.mark.parametrize("steps", [1, 3, 7])
+@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama", "tiny-gemma3"])
+def test_reverse_equals_unroll_float64(name, kind, steps):
+    student, start, target, syn, schedule = setup(name, kind, torch.float64, steps=steps,
+                                                  instruction=steps == 3)
+    u = unroll_gradients(student, start, target, syn, schedule)
+    r = reverse_gradients(student, start, target, syn, schedule)
+    assert r.l_match == pytest.approx(u.l_match, rel=1e-12)
+    assert rel(r.grad_prompt, u.grad_prompt) < 1e-8
+    assert rel(r.grad_log_alpha, u.grad_log_alpha) < 1e-8
+    if steps == 3:
+        assert rel(r.grad_instruction, u.grad_instruction) < 1e-8
+        # only instruction positions are learnable: response and padding get no gradient
+        assert float(r.grad_instruction[~syn.instruction_mask].abs().max()) == 0.0
+    assert r.exact and u.exact and float(u.grad_prompt.norm()) > 0
+
+
+@pytest.mark.parametrize("name,kind", [("tiny-opt", "lora"), ("tiny-llama", "lora"), ("tiny-gemma3", "lora"),
+                                       ("tiny-llama", "full")])
+def test_reverse_equals_unroll_float32(name, kind):
+    student, start, target, syn, schedule = setup(name, kind, torch.float32, steps=7)
+    u = unroll_gradients(student, start, target, syn, schedule)
+    r = reverse_gradients(student, start, target, syn, schedule)
+    assert rel(r.grad_prompt, u.grad_prompt) < 1e-4
+    assert rel(r.grad_log_alpha, u.grad_log_alpha) < 1e-4
+
+
+def test_first_order_is_an_approximation_close_to_reverse():
+    """first_order drops the H_i terms: labelled inexact, close but not equal to reverse."""
+    errors = {}
+    for steps in (3, 7):
+        student, start, target, syn, schedule = setup("tiny-llama", "lora", torch.float64, steps=steps,
+                                                      alpha=1e-2)
+        r = reverse_gradients(student, start, target, syn, schedule)
+        f = first_order_gradients(student, start, target, syn, schedule)
+        assert not f.exact and f.l_match == r.l_match
+        errors[steps] = rel(f.grad_prompt, r.grad_prompt)
+    assert 1e-6 < errors[3] < 0.1 and 1e-6 < errors[7] < 0.2
+
+
+def _load_reference():
+    spec = importlib.util.spec_from_file_location("mtt_reference", MTT_REFERENCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_engine_gradient_equals_shared_reference(steps):
+    """Same model (the reference's own LoRA Llama), same inputs, same minibatch schedule."""
+    ref = _load_reference()
+    model, names = ref.build_model("tiny", "cpu", torch.float32, lora_r=8)
+    k, batch, beta = 8, 4, 0.1
+    prompt, seed_ids, labels, start, target, log_lr = ref.synthetic_inputs(
+        model, names, k, prompt_len=4, seq_len=12, device="cpu", dtype=torch.float32)
+    loss = ref.mtt_step(model, names, start, target, prompt, seed_ids, labels, log_lr, steps, batch, beta,
+                        torch.Generator().manual_seed(0))
+    loss.backward()
+
+    space = ParamSpace(tuple(names), tuple(tuple(start[n].shape) for n in names))
+    student = Student.from_model(model, space)
+    syn = SyntheticSet(prompt.detach(), seed_ids, labels, torch.ones_like(seed_ids), log_lr.detach())
+    g = torch.Generator().manual_seed(0)
+    schedule = [torch.randperm(k, generator=g)[:batch] for _ in range(steps)]
+    for mode in ("reverse", "unroll"):
+        out = total_gradients(mode, student, space.flatten(start), space.flatten(target), syn, schedule,
+                              beta=beta, distance="euclidean", table=model.get_input_embeddings().weight)
+        assert out.l_match + beta * out.l_reg == pytest.approx(float(loss), rel=1e-5)
+        assert rel(out.grad_prompt, prompt.grad) < 1e-4
+        assert rel(out.grad_log_alpha, log_lr.grad) < 1e-4
+
+
+def test_regulariser_chunked_gradient_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(300, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(10, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    for distance in ("euclidean", "cosine"):
+        (ours,) = torch.autograd.grad(neighbour_loss(x, table, distance, vocab_chunk=37), x)
+        if distance == "euclidean":
+            brute = torch.cdist(x, table).min(dim=1).values.mean()
+        else:
+            sim = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(table, dim=1).T
+            brute = (1 - sim).min(dim=1).values.mean()
+        (expected,) = torch.autograd.grad(brute, x)
+        assert rel(ours, expected) < 1e-10
+
+
+def test_regulariser_is_zero_on_vocabulary_rows():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(1000, 16, generator=g, dtype=torch.float64)
+    x = table[torch.randint(1000, (25,), generator=g)].clone().requires_grad_(True)
+    for distance in ("euclidean", "cosine"):
+        reg = neighbour_loss(x, table, distance, vocab_chunk=128)
+        assert abs(float(reg)) < 1e-12
+        (grad,) = torch.autograd.grad(reg, x)
+        assert torch.isfinite(grad).all()
+    assert float(neighbour_loss(x + 0.1, table, "euclidean")) > 0.01
