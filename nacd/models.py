@@ -182,9 +182,17 @@ def build_tiny_model(name: str, *, vocab_size: int = 49152, seed: int = 0,
 
 
 # --------------------------------------------------------------------------- loading
+def runtime_device() -> torch.device:
+    """$NACD_DEVICE if set, else the first CUDA GPU when there is one, else the CPU."""
+    name = os.environ.get("NACD_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def load_model(name: str, *, dtype: str | torch.dtype = "float32", revision: str | None = None,
-               attn_implementation: str = "eager", device: str | torch.device = "cpu") -> nn.Module:
-    """A causal LM in eval mode. ``eager`` attention by default: second-order passes need it."""
+               attn_implementation: str = "eager", device: str | torch.device | None = None) -> nn.Module:
+    """A causal LM in eval mode on ``device`` (default: :func:`runtime_device`). ``eager``
+    attention by default: second-order passes need it."""
+    device = runtime_device() if device is None else device
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if name in TINY_FAMILIES:
         model = build_tiny_model(name, attn_implementation=attn_implementation)
