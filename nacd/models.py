@@ -103,8 +103,17 @@ def _atomic_folder(final: Path, build) -> Path:
 
 
 def _converted_gguf_dir(name: str) -> Path:
-    """A GGUF model de-quantized once to a safetensors folder (loading GGUF takes 20-50 s)."""
-    gguf = GGUF_MODELS[name]()
+    """A GGUF model de-quantized once to a safetensors folder (loading GGUF takes 20-50 s).
+
+    Without the model package (a GPU host with no registry), an already converted folder
+    carried into the cache is used as it is."""
+    try:
+        gguf = GGUF_MODELS[name]()
+    except ModelLoadError:
+        converted = sorted((cache_dir() / "models").glob(f"{name}-*/config.json"))
+        if not converted:
+            raise
+        return converted[-1].parent
     digest = hashlib.sha256(f"{gguf}:{gguf.stat().st_size}".encode()).hexdigest()[:12]
 
     def build(tmp: Path) -> None:
