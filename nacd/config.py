@@ -122,7 +122,10 @@ class DistillConfig(Section):
     max_alpha: float = Field(10.0, gt=0)  # guard against alpha blow-up
     beta: float = Field(0.1, ge=0)  # neighbour regulariser weight
     distance: Literal["euclidean", "cosine"] = "euclidean"
-    grad_mode: Literal["reverse", "unroll", "first_order"] = "reverse"
+    grad_mode: Literal["reverse", "unroll", "first_order"] = "reverse"  # first_order: approximation
+    optimizer: Literal["adam", "sgd"] = "adam"  # for the embeddings and for log_alpha (own lrs)
+    # special/control tokens are never projected to nor pulled towards (nacd.projection)
+    exclude_special_tokens: bool = True
     checkpoint_every: int = Field(10, gt=0)
     seed: int = 0
 
