@@ -144,6 +144,10 @@ def load_token_rows(dataset_dir: str | Path) -> TokenRows:
     hf = Path(src) / "hf"
     if not hf.is_dir():
         raise ExpertError(f"{hf}: no tokenised dataset here (expected prepare_data output with hf/)")
+    state = hf / "state.json"
+    if state.is_file() and not json.loads(state.read_text()).get("_data_files", [None]):
+        # datasets cannot load a saved 0-row dataset (IndexError inside concat_tables)
+        raise ExpertError(f"train_experts: the dataset is empty (0 rows in {hf}): nothing to train on")
     ds = datasets.load_from_disk(str(hf))
     missing = {"input_ids", "labels"} - set(ds.column_names)
     if missing:
