@@ -135,7 +135,7 @@ def evaluate(item: dict, num_gpus: int, scores: Output[Artifact], metrics: Outpu
     """Fine-tune one target on one data variant (or none) and score the benchmarks."""
     import os
 
-    from nacd.pipeline_params import config_for_item, score_metrics, write_json
+    from nacd.pipeline_params import config_for_item, log_metrics, score_metrics, write_json
 
     os.makedirs(scores.path, exist_ok=True)
     rows = []
@@ -145,8 +145,7 @@ def evaluate(item: dict, num_gpus: int, scores: Output[Artifact], metrics: Outpu
         cfg = config_for_item(item)
         rows = run(cfg, item["target"], item["variant"],
                    variant_data.path if variant_data is not None else None, scores.path)
-        for key, value in score_metrics(rows).items():
-            metrics.log_metric(key, value)
+    log_metrics(metrics, score_metrics(rows))  # also on skipped items: the file must exist
     write_json(os.path.join(scores.path, "scores.json"), rows)
 
 

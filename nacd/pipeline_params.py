@@ -229,10 +229,17 @@ def flat_metrics(summary: Any, prefix: str = "") -> dict[str, float]:
 
 
 def log_metrics(metrics: Any, summary: Any) -> dict[str, float]:
-    """Log a summary on a KFP ``Metrics`` artifact (duck-typed: anything with ``log_metric``)."""
+    """Log a summary on a KFP ``Metrics`` artifact (duck-typed: anything with ``log_metric``).
+
+    The values are also written to the artifact's file: KFP keeps metrics in metadata only, and
+    kfp.local treats a cached output whose file is missing as a cache miss, which would re-run
+    every step that logs metrics."""
     flat = flat_metrics(summary)
     for key, value in flat.items():
         metrics.log_metric(key, value)
+    path = getattr(metrics, "path", None)
+    if path:
+        write_json(path, flat)
     return flat
 
 
