@@ -19,6 +19,7 @@ from nacd.experts import (ExpertError, load_token_rows, make_optimizer, make_pla
                           train_expert)
 from nacd.models import ParamSpace, load_model, make_trainable
 from nacd.trajectories import open_store
+from test_storage import remove_aws_credentials
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -209,11 +210,7 @@ def test_s3_problems_fail_before_training(dataset, shared_data, s3_server, monke
     missing_bucket = tiny_config(shared_data, f"storage.endpoint_url={s3_server}")
     with pytest.raises(storage.StorageNotFound, match="bucket does not exist"):
         train_expert(missing_bucket, dataset, "s3://never-created-bucket/run", 0)
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    remove_aws_credentials(monkeypatch, tmp_path)
     with pytest.raises(storage.StorageError, match="no S3 credentials"):
         train_expert(missing_bucket, dataset, "s3://some-bucket/run", 0)
     assert StorageConfig().retries == 5  # the default is left alone

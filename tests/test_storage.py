@@ -85,12 +85,17 @@ def test_unreachable_endpoint_retries_then_fails(s3_server, caplog):
     assert sum("transient error" in r.message for r in caplog.records) == 2
 
 
-def test_missing_credentials(monkeypatch, tmp_path, s3_server):
+def remove_aws_credentials(monkeypatch, tmp_path) -> None:
+    """No credential anywhere in the AWS chain (env, shared files, instance metadata)."""
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def test_missing_credentials(monkeypatch, tmp_path, s3_server):
+    remove_aws_credentials(monkeypatch, tmp_path)
     with pytest.raises(storage.StorageError, match="no S3 credentials"):
         storage.read_bytes("s3://bucket/key", _cfg(s3_server))
 
