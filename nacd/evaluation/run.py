@@ -1,0 +1,109 @@
+"""Stage ``evaluate`` and the ``nacd evaluate`` entry point.
+
+``evaluate(cfg, target, variant_name, variant_dir, out_dir)`` fine-tunes ``target`` on the variant
+(none for the ``none`` variant) with ``cfg.evaluation.finetune`` and scores every benchmark in
+``cfg.evaluation.benchmarks`` through lm-evaluation-harness. ``out_dir`` (written atomically) gets
+``scores.json`` (rows of docs/stages.md), ``evaluate.json`` (the inputs, for reuse) and, after
+fine-tuning with LoRA, ``adapter/`` (peft ``save_pretrained``). A second call with the same inputs
+returns the stored rows.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from nacd.config import RunConfig
+from nacd.data.tokenization import ensure_pad_token
+from nacd.data.variants import atomic_dir, read_variant, read_variant_meta, write_json
+from nacd.evaluation.finetune import finetune, merged
+from nacd.evaluation.scoring import score_direct, score_lm_eval
+
+SCORES_FILE = "scores.json"
+SCORE_KEYS = ("target", "variant", "benchmark", "split", "shots", "limit", "n", "acc", "acc_norm",
+              "seed", "finetune", "wall_s")
+
+
+def load_target(name: str, adapter: str | Path | None = None, dtype: str = "float32"):
+    """Model (adapter merged in) and its tokenizer (pad token ensured)."""
+    from nacd.models import load_model, load_tokenizer
+
+    model = load_model(name, dtype=dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"adapter folder has no adapter_config.json: {adapter}")
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+    return model, ensure_pad_token(load_tokenizer(name), name)
+
+
+def score(model: Any, tokenizer: Any, benchmark: str, split: str, data_dir: str | Path | None,
+          shots: int = 0, limit: int | None = None, batch_size: int = 8, method: str = "lm_eval") -> dict:
+    if method not in ("lm_eval", "direct"):
+        raise ValueError(f"unknown scoring method '{method}' (lm_eval or direct)")
+    scorer = score_lm_eval if method == "lm_eval" else score_direct
+    start = time.time()
+    result = scorer(model, tokenizer, benchmark, split, data_dir, shots, limit, batch_size)
+    result.pop("harness", None)
+    questions = result.pop("questions")
+    return {"benchmark": benchmark, "split": split, "shots": shots, "limit": limit, "method": method,
+            **result, "wall_s": round(time.time() - start, 2), "_questions": questions}
+
+
+def evaluate_model(model: str, adapter: str | Path | None, benchmark: str, split: str,
+                   data_dir: str | Path | None, shots: int = 0, limit: int | None = None,
+                   batch_size: int = 8, method: str = "lm_eval", json_out: str | Path | None = None) -> dict:
+    """``nacd evaluate``: score a model (optionally with a LoRA adapter) and return the accuracy
+    summary; ``json_out`` also gets it, with per-question predictions."""
+    net, tokenizer = load_target(model, adapter)
+    result = score(net, tokenizer, benchmark, split, data_dir, shots, limit, batch_size, method)
+    questions = result.pop("_questions")
+    result = {"model": model, "adapter": str(adapter) if adapter else None, **result}
+    if json_out is not None:
+        path = Path(json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        write_json(tmp, {**result, "questions": questions})
+        tmp.replace(path)
+    return result
+
+
+def _inputs(cfg: RunConfig, target: str, variant_name: str, variant_dir: str | Path | None) -> dict:
+    variant = read_variant_meta(variant_dir) if variant_dir is not None else None
+    return {"target": target, "variant": variant_name, "variant_meta": variant,
+            "evaluation": cfg.evaluation.model_dump(mode="json", exclude={"targets", "variants"}),
+            "data_dir": cfg.data.data_dir}
+
+
+def evaluate(cfg: RunConfig, target: str, variant_name: str, variant_dir: str | Path | None,
+             out_dir: str | Path) -> list[dict]:
+    """Fine-tune ``target`` on a variant (or not, for ``none``) and score it; see the module doc."""
+    if variant_name != "none" and variant_dir is None:
+        raise ValueError(f"variant '{variant_name}' needs a variant dataset folder (only 'none' has none)")
+    out_dir = Path(out_dir)
+    inputs = _inputs(cfg, target, variant_name, variant_dir)
+    if (out_dir / SCORES_FILE).is_file() and (out_dir / "evaluate.json").is_file():
+        if json.loads((out_dir / "evaluate.json").read_text()) == inputs:
+            return json.loads((out_dir / SCORES_FILE).read_text())
+    ft = cfg.evaluation.finetune
+    model, tokenizer = load_target(target)
+    with atomic_dir(out_dir) as tmp:
+        train_info: dict = {"trained": False}
+        if variant_dir is not None:
+            model, train_info = finetune(model, tokenizer, read_variant(variant_dir), ft)
+            train_info["trained"] = True
+            if ft.param_space.kind == "lora":
+                model.save_pretrained(str(tmp / "adapter"))
+            model = merged(model)
+        rows = []
+        for bench in cfg.evaluation.benchmarks:
+            result = score(model, tokenizer, bench.name, bench.split, cfg.data.data_dir, bench.shots,
+                           bench.limit, cfg.evaluation.batch_size)
+            result.pop("_questions")
+            rows.append({"target": target, "variant": variant_name, **result, "seed": ft.seed,
+                         "finetune": train_info})
+        write_json(tmp / SCORES_FILE, rows)
+        write_json(tmp / "evaluate.json", inputs)
+    return rows
