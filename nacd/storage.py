@@ -237,7 +237,7 @@ def read_bytes(uri: str, cfg: StorageConfig | None = None) -> pa.Buffer:
 
 
 def read_range(uri: str, offset: int, length: int, cfg: StorageConfig | None = None,
-               out: bytearray | None = None) -> memoryview:
+               out: bytearray | memoryview | None = None) -> memoryview:
     """Bytes ``[offset, offset + length)`` of an object: one ranged GET on S3, one pread locally.
 
     The result is a writable buffer (``out`` when given) so callers can wrap it zero-copy,

@@ -59,6 +59,10 @@ def test_round_trip_bitwise(store_root, dtype):
         want = v if dtype == "float32" else v.to(torch.bfloat16).to(torch.float32)
         assert got.dtype == torch.float32
         assert torch.equal(got, want), i
+    everything = traj.read_all()
+    assert len(everything) == 7
+    for got, v in zip(everything, vectors):
+        assert torch.equal(got, v if dtype == "float32" else v.to(torch.bfloat16).to(torch.float32))
     traj.verify()
     traj.check_matches(SPACE)
 
@@ -101,6 +105,8 @@ def test_flipped_byte_is_a_checksum_error(tmp_path):
         traj.read(2)
     with pytest.raises(ChecksumError, match="shard sha256 mismatch"):
         traj.verify()
+    with pytest.raises(ChecksumError, match="shard sha256 mismatch"):
+        traj.read_all()
 
 
 def test_unknown_version_bad_manifest_and_layout_mismatch(tmp_path):
