@@ -78,20 +78,29 @@ def _pipeline_module():
 
 
 # --------------------------------------------------------------------------- nacd run
-class _TaskLog(logging.Handler):
-    """Collects kfp.local's task events so the CLI can summarise executed vs cached steps."""
+class _TaskLog(logging.Filter):
+    """Collects kfp.local's task events so the CLI can summarise executed vs cached steps.
+
+    A filter on the root logger, not a handler: kfp.local swaps the root handlers while a task
+    runs, and logger filters survive that."""
 
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
+        super().__init__()
         self.cached: list[str] = []
         self.executed: list[str] = []
+        self.failed: list[str] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = _ANSI.sub("", record.getMessage())
+    def filter(self, record: logging.LogRecord) -> bool:
+        self._collect(_ANSI.sub("", record.getMessage()))
+        return True
+
+    def _collect(self, msg: str) -> None:
         if m := re.match(r"Task (\S+) cache hit", msg):
             self.cached.append(m.group(1))
-        elif m := re.match(r"Task '([^']+)' finished with status SUCCESS", msg):
-            self.executed.append(m.group(1))
+        elif m := re.match(r"Task '([^']+)' finished with status (SUCCESS|FAILURE)", msg):
+            (self.executed if m.group(2) == "SUCCESS" else self.failed).append(m.group(1))
+        elif m := re.match(r"Task (\S+) failed with exception: (.*)", msg):
+            self.failed.append(f"{m.group(1)}: {m.group(2)}")
 
 
 def run_local(cfg: RunConfig, *, root: str | None = None, quiet: bool = False) -> dict:
@@ -115,12 +124,12 @@ def run_local(cfg: RunConfig, *, root: str | None = None, quiet: bool = False) -
     tasks = _TaskLog()
     root_logger = logging.getLogger()
     old_level = root_logger.level
-    root_logger.addHandler(tasks)
+    root_logger.addFilter(tasks)
     root_logger.setLevel(logging.INFO)
     if not quiet and not any(isinstance(h, logging.StreamHandler) and h.stream is sys.stderr
                              for h in root_logger.handlers):
         console = logging.StreamHandler(sys.stderr)
-        console.addFilter(lambda r: "cache hit" in r.getMessage())
+        console.addFilter(lambda r: r.levelno >= logging.WARNING or "cache hit" in r.getMessage())
         console.setFormatter(logging.Formatter("%(asctime)s - %(message)s", "%H:%M:%S"))
         root_logger.addHandler(console)
     else:
@@ -132,11 +141,16 @@ def run_local(cfg: RunConfig, *, root: str | None = None, quiet: bool = False) -
             # requests are cluster-only: kfp.local's warnings about both are expected.
             warnings.simplefilter("ignore", RuntimeWarning)
             warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
-            module.build_pipeline()(**config_to_params(cfg))
+            module.build_pipeline(gpus=False)(**config_to_params(cfg))
     except RuntimeError as e:
+        # kfp.local's message names the innermost loop iterations; the task that failed (its
+        # traceback is in the streamed log above) is what the user needs.
+        if tasks.failed:
+            raise CliError(f"step '{tasks.failed[0]}' failed (its log is above); run folders "
+                           f"under {pipeline_root}") from e
         raise CliError(_ANSI.sub("", str(e)).splitlines()[0]) from e
     finally:
-        root_logger.removeHandler(tasks)
+        root_logger.removeFilter(tasks)
         if console is not None:
             root_logger.removeHandler(console)
         root_logger.setLevel(old_level)

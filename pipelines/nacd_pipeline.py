@@ -27,9 +27,11 @@ SHM_SIZE = "16Gi"
 _D = default_params()
 
 
-def _on_gpu(task: dsl.PipelineTask, accelerator: str, count) -> dsl.PipelineTask:
+def _on_gpu(task: dsl.PipelineTask, accelerator: str, count, enabled: bool = True) -> dsl.PipelineTask:
     """GPUs from parameters, and a RAM-backed /dev/shm (NCCL and DataLoader workers need more
     than the container default of 64 MiB)."""
+    if not enabled:
+        return task
     task.set_accelerator_type(accelerator).set_accelerator_limit(count)
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                size_limit=SHM_SIZE)
@@ -43,8 +45,12 @@ def _with_s3(task: dsl.PipelineTask, secret: str) -> dsl.PipelineTask:
     return task
 
 
-def build_pipeline(s3_secret: str = DEFAULT_S3_SECRET):
-    """The pipeline function; ``s3_secret`` names the Kubernetes Secret with S3 credentials."""
+def build_pipeline(s3_secret: str = DEFAULT_S3_SECRET, gpus: bool = True):
+    """The pipeline function; ``s3_secret`` names the Kubernetes Secret with S3 credentials.
+
+    ``gpus=False`` (the kfp.local run) leaves out the accelerator requests: they are no-ops
+    locally, and kfp 2.17's local runner cannot resolve a resource placeholder that refers to a
+    pipeline parameter inside a ParallelFor body."""
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="Neighbour-aware corpus distillation: experts, trajectory "
@@ -73,19 +79,19 @@ def build_pipeline(s3_secret: str = DEFAULT_S3_SECRET):
             expert = c.train_experts(source=source, experts=experts, storage=storage,
                                      expert_index=index, num_gpus=gpus_per_expert,
                                      dataset=dataset).set_display_name("train expert")
-            _with_s3(_on_gpu(expert, accelerator, gpus_per_expert), s3_secret)
+            _with_s3(_on_gpu(expert, accelerator, gpus_per_expert, gpus), s3_secret)
 
         seeds = c.select_seeds(budget=budget, seed_selection=seed_selection, dataset=dataset)
         dist = c.distill(budget=budget, source=source, distill=distill, storage=storage,
                          num_gpus=gpus_per_step, dataset=dataset, seeds=seeds.outputs["seeds"],
                          stores=dsl.Collected(expert.outputs["store"]))
-        _with_s3(_on_gpu(dist, accelerator, gpus_per_step), s3_secret)
+        _with_s3(_on_gpu(dist, accelerator, gpus_per_step, gpus), s3_secret)
         proj = c.project_ids(source=source, distill=distill, synthetic=dist.outputs["synthetic"])
 
         rand = c.select_random(budget=budget, selection=selection, dataset=dataset)
         less = c.select_less(budget=budget, source=source, selection=selection, data=data,
                              num_gpus=gpus_per_step, dataset=dataset)
-        _on_gpu(less, accelerator, gpus_per_step)
+        _on_gpu(less, accelerator, gpus_per_step, gpus)
         full = c.full_variant(dataset=dataset)
 
         variant_data = {"distilled": proj.outputs["distilled"], "random": rand.outputs["variant"],
@@ -99,7 +105,7 @@ def build_pipeline(s3_secret: str = DEFAULT_S3_SECRET):
                 kwargs = {} if artifact is None else {"variant_data": artifact}
                 ev = c.evaluate(item=item, num_gpus=gpus_per_step, **kwargs)
                 ev.set_display_name(f"evaluate {variant}")
-                _on_gpu(ev, accelerator, gpus_per_step)
+                _on_gpu(ev, accelerator, gpus_per_step, gpus)
             collected[variant] = dsl.Collected(ev.outputs["scores"])
 
         rep = c.report(**collected).set_display_name("report")
