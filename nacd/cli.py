@@ -278,13 +278,10 @@ def cmd_step(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- evaluate / compile / submit
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from nacd.evaluation.run import evaluate_model
-    from nacd.pipeline_params import write_json
 
     result = evaluate_model(model=args.model, adapter=args.adapter, benchmark=args.benchmark,
                             split=args.split, data_dir=args.data_dir, shots=args.shots,
-                            limit=args.limit, batch_size=args.batch_size)
-    if args.json:
-        write_json(args.json, result)
+                            limit=args.limit, batch_size=args.batch_size, json_out=args.json)
     acc = result.get("acc") if isinstance(result, dict) else None
     print(f"{args.benchmark} {args.split}: acc = {acc:.4f}" if isinstance(acc, float)
           else json.dumps(result, indent=2, default=str))

@@ -123,6 +123,7 @@ def test_changing_distill_changes_only_distill_inputs():
     changed = load_config(REPO / "configs" / "tiny.yaml", ["distill.iterations=7"])
     differing = {s for s in STAGE_SECTIONS if stage_params(base, s) != stage_params(changed, s)}
     assert differing == {"distill", "project_ids"}
+    base = load_config(REPO / "configs" / "tiny.yaml", ["evaluation.targets=[tiny-llama, tiny-gemma3]"])
     more_targets = load_config(REPO / "configs" / "tiny.yaml",
                                ["evaluation.targets=[tiny-llama, tiny-gemma3, tiny-opt]"])
     for variant in ("random", "none"):
@@ -133,7 +134,8 @@ def test_changing_distill_changes_only_distill_inputs():
 
 
 def test_unrequested_variant_is_a_single_skip_item():
-    cfg = load_config(REPO / "configs" / "tiny.yaml", ["evaluation.variants=[none]"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["evaluation.variants=[none]",
+                                                       "evaluation.targets=[tiny-llama, tiny-gemma3]"])
     params = config_to_params(cfg)
     assert eval_items(params["evaluation"], params["data"], "less") == [
         {"skip": True, "variant": "less"}]
