@@ -61,7 +61,16 @@ class Student:
     def loss(self, theta: torch.Tensor, prompt: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
              attention_mask: torch.Tensor, instruction: torch.Tensor | None = None,
              instruction_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean next-token loss on the response tokens of one minibatch (B x P x d prompts)."""
+        """Mean next-token loss on the response tokens of one minibatch (B x P x d prompts).
+
+        Two exact shortcuts: trailing columns that are padding in every row are dropped (right
+        padding never influences a real position under causal attention), and the LM head runs
+        only from the first position that predicts a response token (``logits_to_keep``), so a
+        long instruction costs no vocabulary-sized logits."""
+        width = int(attention_mask.sum(dim=1).max())
+        ids, labels, attention_mask = ids[:, :width], labels[:, :width], attention_mask[:, :width]
+        if instruction is not None:
+            instruction, instruction_mask = instruction[:, :width], instruction_mask[:, :width]
         params = self.space.unflatten(theta)
         seed = self.seed_embeddings(params, ids)
         if instruction is not None:
@@ -69,13 +78,15 @@ class Student:
         x = torch.cat([prompt, seed], dim=1)
         ones = torch.ones(prompt.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
         mask = torch.cat([ones, attention_mask], dim=1)
+        first = int((labels != -100).int().argmax(dim=1).min())  # first response token in the batch
+        keep = x.shape[1] - (prompt.shape[1] - 1 + first)  # positions P-1+first .. end
         with KeepFloat64() if x.dtype == torch.float64 else _nothing():
-            logits = functional_call(self.model, params, args=(),
-                                     kwargs={"inputs_embeds": x, "attention_mask": mask, "use_cache": False}).logits
-        pred = logits[:, prompt.shape[1] - 1:-1]
+            logits = functional_call(self.model, params, args=(), kwargs={
+                "inputs_embeds": x, "attention_mask": mask, "use_cache": False, "logits_to_keep": keep}).logits
+        pred = logits[:, :-1]  # predicts seed tokens first..L-1
         if pred.dtype in _LOW_PRECISION:  # the softmax in float32, as the reference does
             pred = pred.float()
-        return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), labels[:, first:].reshape(-1), ignore_index=-100)
 
 
 class KeepFloat64(TorchFunctionMode):

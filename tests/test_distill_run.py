@@ -1,0 +1,259 @@
+"""The outer loop and the distill stage: resume, guards, bad input, and a real-model run."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from nacd.config import ConfigError, ParamSpaceConfig, RunConfig, load_config
+from nacd.distill.losses import Student
+from nacd.distill.run import Distiller, DistillError, distill
+from nacd.distill.synthetic import SyntheticSet, SyntheticSetError
+from nacd.models import ParamSpace, load_model, load_tokenizer, make_trainable
+from nacd.trajectories import TrajectoryWriter, open_store
+
+
+# --------------------------------------------------------------------------- real data, real experts
+def arc_rows(shared_data: Path, n: int, max_tokens: int, tokenizer) -> list[dict]:
+    """Tokenised ARC-Easy train rows (prompt masked with -100, loss on the answer), shortest first."""
+    rows = []
+    with open(shared_data / "arc_easy" / "train.jsonl") as f:
+        for line in f:
+            r = json.loads(line)
+            answer = r["choices"]["text"][r["choices"]["label"].index(r["answerKey"])]
+            prompt, response = f"Question: {r['question']}\nAnswer:", f" {answer}"
+            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            if len(p_ids) + len(r_ids) <= max_tokens:
+                rows.append({"id": r["id"], "prompt": prompt, "response": response, "source": "arc_easy",
+                             "input_ids": p_ids + r_ids, "labels": [-100] * len(p_ids) + r_ids,
+                             "attention_mask": [1] * (len(p_ids) + len(r_ids))})
+            if len(rows) == n:
+                return rows
+    raise AssertionError("not enough short ARC rows")
+
+
+def write_dataset(rows: list[dict], root: Path, seed_indices: list[int]) -> tuple[Path, Path]:
+    import datasets
+
+    dataset_dir, seeds_dir = root / "dataset", root / "seeds"
+    datasets.Dataset.from_list(rows).save_to_disk(str(dataset_dir / "hf"))
+    seeds_dir.mkdir(parents=True)
+    (seeds_dir / "seeds.json").write_text(json.dumps({"indices": seed_indices, "method": "random", "seed": 0}))
+    return dataset_dir, seeds_dir
+
+
+def trainable(name: str, space_cfg: ParamSpaceConfig):
+    model = make_trainable(load_model(name), space_cfg)
+    return model, ParamSpace.from_model(model, space_cfg)
+
+
+def write_experts(name: str, space_cfg: ParamSpaceConfig, rows: list[dict], store: str, *, experts: int = 1,
+                  checkpoints: int = 4, steps_per_checkpoint: int = 1, lr: float = 0.05,
+                  source_name: str | None = None) -> None:
+    """Real SGD on the real rows (one row per step), a checkpoint every few steps, into the store."""
+    for e in range(experts):
+        torch.manual_seed(e)
+        model, space = trainable(name, space_cfg)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+        writer = TrajectoryWriter(store, f"expert-{e:03d}", space, source_model=source_name or name)
+        writer.append(0, 0.0, lr, space.get(model))
+        for c in range(1, checkpoints):
+            for s in range(steps_per_checkpoint):
+                r = rows[(c * steps_per_checkpoint + s + e) % len(rows)]
+                batch = {k: torch.tensor([r[k]]) for k in ("input_ids", "labels", "attention_mask")}
+                model(**batch).loss.backward()
+                opt.step()
+                opt.zero_grad()
+            writer.append(c, 0.0, lr, space.get(model))
+        writer.commit()
+
+
+@pytest.fixture(scope="module")
+def tiny_env(tmp_path_factory, shared_data):
+    """Real ARC rows tokenised with the tiny models' (SmolLM2) tokenizer, 2 experts of tiny-llama."""
+    root = tmp_path_factory.mktemp("tiny_env")
+    tok = load_tokenizer("tiny-llama")
+    rows = arc_rows(shared_data, 6, 28, tok)
+    dataset_dir, seeds_dir = write_dataset(rows, root, [0, 2, 3, 5])
+    store = str(root / "store")
+    write_experts("tiny-llama", ParamSpaceConfig(), rows, store, experts=2, checkpoints=4, lr=0.5)
+    return {"root": root, "rows": rows, "dataset": dataset_dir, "seeds": seeds_dir, "store": store}
+
+
+def tiny_cfg(**distill) -> RunConfig:
+    base = {"prompt_len": 3, "syn_steps": 2, "expert_epochs": 2, "max_start": 2, "batch_syn": 2,
+            "iterations": 4, "checkpoint_every": 2, "lr_embeddings": 1e-2, "lr_alpha": 1e-1, "init_alpha": 0.5}
+    return load_config(overrides=["source.name=tiny-llama"] + [f"distill.{k}={v}" for k, v in
+                                                               {**base, **distill}.items()])
+
+
+def tiny_loop(env, cfg: RunConfig, **syn_overrides) -> Distiller:
+    model, space = trainable("tiny-llama", cfg.source.param_space)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    student = Student.from_model(model, space)
+    rows = [env["rows"][i] for i in (0, 2, 3, 5)]
+    from nacd.distill.synthetic import pad_seeds
+
+    syn = SyntheticSet.init(student.table, *pad_seeds(rows), prompt_len=cfg.distill.prompt_len,
+                            init="random_vocab", init_alpha=cfg.distill.init_alpha,
+                            generator=torch.Generator().manual_seed(0))
+    for k, v in syn_overrides.items():
+        setattr(syn, k, v)
+    return Distiller(student, syn, open_store(env["store"]).experts(), cfg.distill)
+
+
+def state_of(loop: Distiller) -> dict:
+    return {"prompt": loop.prompt.detach().clone(), "log_alpha": loop.log_alpha.detach().clone(),
+            "opt": loop.opt_embeddings.state_dict()["state"][0]["exp_avg_sq"].clone(),
+            "rng": loop.generator.get_state(), "history": [dict(h, seconds=0) for h in loop.history]}
+
+
+# --------------------------------------------------------------------------- resume
+def test_resume_after_interruption_is_bit_identical(tiny_env, tmp_path):
+    cfg = tiny_cfg(iterations=5)
+    straight = tiny_loop(tiny_env, cfg)
+    straight.run(5, tmp_path / "a", progress=False)
+
+    def kill_at_3(rec):
+        if rec["iteration"] == 3:  # after checkpoint 2 and one more, unsaved, iteration
+            raise KeyboardInterrupt
+
+    first = tiny_loop(tiny_env, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        first.run(5, tmp_path / "b", progress=False, on_iteration=kill_at_3)
+    assert Distiller.latest_checkpoint(tmp_path / "b").name == "iter-000004"
+    resumed = tiny_loop(tiny_env, cfg)
+    resumed.run(5, tmp_path / "b", progress=False)
+    a, b = state_of(straight), state_of(resumed)
+    assert torch.equal(a["prompt"], b["prompt"]) and torch.equal(a["log_alpha"], b["log_alpha"])
+    assert torch.equal(a["opt"], b["opt"]) and torch.equal(a["rng"], b["rng"])
+    assert a["history"] == b["history"] and len(a["history"]) == 5
+    # the prompts actually moved, and different (expert, start) draws happened
+    assert not torch.equal(a["prompt"], tiny_loop(tiny_env, cfg).prompt.detach())
+    assert len({(h["expert"], h["start"]) for h in a["history"]}) > 1
+
+
+def test_stage_resumes_to_the_same_synthetic_set(tiny_env, tmp_path):
+    env = tiny_env
+    summary = distill(tiny_cfg(iterations=2), env["dataset"], env["seeds"], env["store"], tmp_path / "x",
+                      progress=False)
+    assert summary["iterations"] == 2
+    distill(tiny_cfg(iterations=4), env["dataset"], env["seeds"], env["store"], tmp_path / "x", progress=False)
+    distill(tiny_cfg(iterations=4), env["dataset"], env["seeds"], env["store"], tmp_path / "y", progress=False)
+    x, y = SyntheticSet.from_pretrained(tmp_path / "x"), SyntheticSet.from_pretrained(tmp_path / "y")
+    for name, tensor in x.tensors().items():
+        assert torch.equal(tensor, y.tensors()[name]), name
+    assert [h["l_match"] for h in x.meta["history"]] == [h["l_match"] for h in y.meta["history"]]
+    assert x.meta["iteration"] == 4 and x.num_samples == 4 and x.prompt_len == 3
+    assert [s["id"] for s in x.meta["seeds"]] == [env["rows"][i]["id"] for i in (0, 2, 3, 5)]
+    # a changed distill setting refuses the old checkpoints instead of mixing runs
+    with pytest.raises(DistillError, match="another configuration"):
+        distill(tiny_cfg(iterations=6, beta=0.5), env["dataset"], env["seeds"], env["store"], tmp_path / "x",
+                progress=False)
+
+
+# --------------------------------------------------------------------------- guards
+def test_nan_is_reported_with_its_iteration(tiny_env, tmp_path):
+    cfg = tiny_cfg()
+    loop = tiny_loop(tiny_env, cfg)
+    loop.run(1, tmp_path, progress=False)
+    with torch.no_grad():
+        loop.prompt[0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="iteration 1"):
+        loop.run(2, None, progress=False)
+    assert Distiller.latest_checkpoint(tmp_path).name == "iter-000001"
+
+
+def test_alpha_is_clamped_to_max_alpha(tiny_env):
+    cfg = tiny_cfg(max_alpha=0.2, lr_alpha=5.0)
+    loop = tiny_loop(tiny_env, cfg)  # init_alpha 0.5 > max_alpha: clamped from the start
+    assert float(loop.log_alpha.exp()) == pytest.approx(0.2)
+    loop.run(3, None, progress=False)
+    assert all(h["alpha"] <= 0.2 * (1 + 1e-6) for h in loop.history)
+
+
+def test_large_beta_pulls_embeddings_onto_vocabulary_rows(tiny_env):
+    """With beta dominating, the learnable vectors converge to rows of E; projecting them and
+    re-embedding reproduces them."""
+    from nacd.projection import nearest_rows
+
+    cfg = tiny_cfg(beta=100.0, lr_embeddings=5e-3, syn_steps=1, init="gaussian")
+    loop = tiny_loop(tiny_env, cfg, prompt_embeds=torch.randn(4, 3, 32, generator=torch.Generator().manual_seed(0))
+                     * 0.05)
+    table = loop.student.table
+    _, before = nearest_rows(loop.prompt.detach().reshape(-1, 32), table)
+    loop.run(40, None, progress=False)
+    x = loop.prompt.detach().reshape(-1, 32)
+    ids, after = nearest_rows(x, table)
+    spacing = torch.cdist(table[ids], table).topk(2, largest=False).values[:, 1]  # to the next row
+    # Adam keeps hovering within ~lr of the row, several times closer than any other row
+    assert bool((after < 0.1 * before).all())
+    assert bool((after < 0.2 * spacing).all())
+    # re-embedding the projected ids gives exactly those rows, which project to the same ids
+    assert float(torch.linalg.vector_norm(table[ids] - x, dim=1).max()) == pytest.approx(float(after.max()))
+    assert torch.equal(nearest_rows(table[ids], table)[0], ids)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_input_is_refused_before_anything_is_written(tiny_env, tmp_path):
+    env = tiny_env
+    out = tmp_path / "out"
+
+    def refused(cfg, seeds=env["seeds"], store=env["store"], match=""):
+        with pytest.raises((DistillError, ValueError), match=match):
+            distill(cfg, env["dataset"], seeds, store, out, progress=False)
+        assert not out.exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "seeds.json").write_text(json.dumps({"indices": []}))
+    refused(tiny_cfg(), seeds=empty, match="empty")
+    refused(tiny_cfg(max_start=3), match=r"has 4 checkpoints .* need checkpoint 4")
+    refused(tiny_cfg(), store=str(tmp_path / "no-store"), match="no committed expert")
+    # experts of another parameter space (LoRA r=4) and of another model
+    other = str(tmp_path / "other")
+    write_experts("tiny-llama", ParamSpaceConfig(lora_r=4), env["rows"], other, checkpoints=4)
+    refused(tiny_cfg(), store=other, match="shape")
+    renamed = str(tmp_path / "renamed")
+    write_experts("tiny-llama", ParamSpaceConfig(), env["rows"], renamed, checkpoints=4, source_name="gemma3-270m")
+    refused(tiny_cfg(), store=renamed, match="trained on model 'gemma3-270m'")
+    # P = 0 and M <= 0 never get past the config; the library refuses them too
+    with pytest.raises(ConfigError, match="distill.prompt_len"):
+        load_config(overrides=["distill.prompt_len=0"])
+    with pytest.raises(ConfigError, match="distill.expert_epochs"):
+        load_config(overrides=["distill.expert_epochs=0"])
+    with pytest.raises(SyntheticSetError, match="prompt_len must be > 0"):
+        SyntheticSet.init(torch.zeros(10, 4), torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long),
+                          torch.ones(1, 3, dtype=torch.long), prompt_len=0)
+    # a synthetic set of another hidden size
+    with pytest.raises(DistillError, match="hidden size 16 .* has 32"):
+        tiny_loop(env, tiny_cfg(), prompt_embeds=torch.zeros(4, 3, 16))
+
+
+# --------------------------------------------------------------------------- the real model
+@pytest.mark.slow
+def test_short_distillation_on_smollm2_lowers_l_match(tmp_path, shared_data):
+    """Real SmolLM2-135M-Instruct, real ARC-Easy seeds, real SGD experts: L_match goes down.
+
+    K = batch_syn and one expert with max_start = 1 make every iteration see the same (start,
+    target, samples), so the recorded L_match values are comparable across iterations."""
+    name = "smollm2-135m-instruct"
+    tok = load_tokenizer(name)
+    rows = arc_rows(shared_data, 3, 24, tok)
+    dataset_dir, seeds_dir = write_dataset(rows, tmp_path, [0, 1])
+    store = str(tmp_path / "store")
+    write_experts(name, ParamSpaceConfig(), rows, store, checkpoints=2, steps_per_checkpoint=2, lr=0.05)
+    cfg = load_config(overrides=[f"source.name={name}", "distill.prompt_len=2", "distill.syn_steps=2",
+                                 "distill.expert_epochs=1", "distill.max_start=1", "distill.batch_syn=2",
+                                 "distill.iterations=4", "distill.lr_embeddings=1e-3", "distill.lr_alpha=0.3",
+                                 "distill.init_alpha=0.01", "distill.beta=0.01"])
+    summary = distill(cfg, dataset_dir, seeds_dir, store, tmp_path / "syn", progress=False)
+    history = SyntheticSet.from_pretrained(tmp_path / "syn").meta["history"]
+    assert all(math.isfinite(h["l_match"]) for h in history)
+    assert history[-1]["l_match"] < 0.9 * history[0]["l_match"], [h["l_match"] for h in history]
+    assert summary["l_match_last"] == history[-1]["l_match"]
