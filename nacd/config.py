@@ -97,6 +97,7 @@ class ExpertsConfig(Section):
     deepspeed: str | None = None  # preset name (zero0..zero3) or path to a DeepSpeed JSON
     num_procs: int = Field(1, gt=0)  # processes per expert (torchrun); >1 needs deepspeed
     log_every: int = Field(1, gt=0)  # optimizer steps between loss log lines
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the process's GPU if any
 
     @model_validator(mode="after")
     def _procs_need_deepspeed(self) -> ExpertsConfig:
