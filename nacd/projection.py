@@ -94,3 +94,88 @@ def special_token_ids(tokenizer: Any) -> list[int]:
         if getattr(tok, "special", False):
             ids.add(int(tid))
     return sorted(i for i in ids if i is not None and i >= 0)
+
+
+# --------------------------------------------------------------------------- the stage
+class ProjectionError(ValueError):
+    pass
+
+
+def _seed_texts(syn, k: int, tokenizer) -> tuple[str, str, str]:
+    """(seed id, instruction text, response text): carried in the synthetic set's metadata
+    (``meta["seeds"]``, written by ``distill`` from the tokenised dataset's ``prompt`` /
+    ``response`` columns), else decoded from the seed's ids and labels."""
+    seeds = syn.meta.get("seeds") or []
+    if k < len(seeds) and seeds[k].get("prompt") is not None and seeds[k].get("response") is not None:
+        return str(seeds[k]["id"]), seeds[k]["prompt"], seeds[k]["response"]
+    mask = syn.seed_attention_mask[k] != 0
+    ids, labels = syn.seed_input_ids[k][mask], syn.seed_labels[k][mask]
+    return (str(seeds[k]["id"]) if k < len(seeds) else str(k), tokenizer.decode(ids[labels == -100].tolist()),
+            tokenizer.decode(ids[labels != -100].tolist()))
+
+
+def project_ids(cfg, synthetic_dir: str | Path, out_dir: str | Path) -> dict:
+    """The project_ids stage: the synthetic set as a plain-text variant dataset (``distilled``).
+
+    Row k: ``projected_prompt`` = decode(nearest ids of its P vectors), ``prompt`` =
+    projected_prompt + the seed's instruction text (with ``learnable_instruction``: the decoded
+    projection of the instruction vectors), ``response`` = the seed's response text,
+    ``text`` = prompt + response. The pieces are concatenated without a separator, as the student
+    saw them. Decoding then re-tokenising need not give back the same ids (tokenizers merge
+    across the boundary); the ids are kept in ``projected_ids``."""
+    from nacd.data.variants import write_variant
+    from nacd.distill.synthetic import SyntheticSet
+    from nacd.models import input_embedding_matrix, load_model, load_tokenizer
+
+    t0 = time.perf_counter()
+    syn = SyntheticSet.from_pretrained(synthetic_dir)
+    source = syn.meta.get("source_model") or {}
+    name, revision = source.get("name") or cfg.source.name, source.get("revision") or cfg.source.revision
+    if name != cfg.source.name:
+        raise ProjectionError(f"{synthetic_dir}: the synthetic set was distilled on '{name}', "
+                              f"the config's source model is '{cfg.source.name}'")
+    distance = syn.meta.get("distance", cfg.distill.distance)
+    exclude_special = syn.meta.get("exclude_special_tokens", cfg.distill.exclude_special_tokens)
+    table = input_embedding_matrix(load_model(name, revision=revision))
+    syn.check_hidden_size(table.shape[1], f"source model '{name}'")
+    tokenizer = load_tokenizer(name, revision)
+    special = [i for i in special_token_ids(tokenizer) if i < table.shape[0]]
+
+    vectors = syn.learnable_vectors().to(table.dtype)
+    ids, dists = nearest_rows(vectors, table, distance, exclude_ids=special if exclude_special else None)
+    unrestricted, _ = nearest_rows(vectors, table, distance)
+    special_set = set(special)
+    would_be_special = sum(int(i) in special_set for i in unrestricted.tolist())
+    projected_special = sum(int(i) in special_set for i in ids.tolist())
+
+    k, p = syn.num_samples, syn.prompt_len
+    prompt_ids, prompt_d = ids[: k * p].view(k, p), dists[: k * p].view(k, p)
+    instr_ids, instr_d = ids[k * p:], dists[k * p:]
+    rows, offset = [], 0
+    for i in range(k):
+        seed_id, seed_prompt, response = _seed_texts(syn, i, tokenizer)
+        projected = tokenizer.decode(prompt_ids[i].tolist())
+        row = {"id": f"distilled-{i:05d}", "seed_id": seed_id, "seed_prompt": seed_prompt,
+               "projected_prompt": projected, "projected_ids": prompt_ids[i].tolist(),
+               "nn_distances": [float(x) for x in prompt_d[i]], "response": response}
+        instruction_text = seed_prompt
+        if syn.instruction_embeds is not None:
+            n = int(syn.instruction_mask[i].sum())
+            inst = instr_ids[offset:offset + n].tolist()
+            row["projected_instruction_ids"] = inst
+            row["instruction_nn_distances"] = [float(x) for x in instr_d[offset:offset + n]]
+            instruction_text = tokenizer.decode(inst)
+            offset += n
+        row["prompt"] = projected + instruction_text
+        row["text"] = row["prompt"] + response
+        rows.append(row)
+    summary = {"variant": "distilled", "budget": k, "source_model": {"name": name, "revision": revision},
+               "distance": distance, "prompt_len": p, "vectors": int(vectors.shape[0]),
+               "learnable_instruction": syn.instruction_embeds is not None,
+               "nn_distance_mean": float(dists.mean()), "nn_distance_max": float(dists.max()),
+               "special_tokens": {"excluded_from_search": bool(exclude_special), "special_ids": len(special),
+                                  "projected_to_special": projected_special,
+                                  "nearest_is_special_without_exclusion": would_be_special},
+               "synthetic_dir": str(synthetic_dir), "alpha": float(syn.log_alpha.exp())}
+    info = write_variant(rows, out_dir, summary)
+    return {**info, "seconds": time.perf_counter() - t0}
