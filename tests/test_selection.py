@@ -19,11 +19,11 @@ from nacd.selection.warmup import AdamState, load_checkpoints, warmup_train
 
 
 def make_cfg(shared_data, **kw) -> RunConfig:
-    data = DataConfig(sources=[DataSourceConfig(name="dolly_open_qa", max_rows=40)],
+    data = DataConfig(sources=[DataSourceConfig(name="flan_v2_cot", max_rows=24)],
                       data_dir=str(shared_data), max_length=128, overflow="truncate")
     less = LessConfig(warmup_fraction=0.25, warmup_epochs=2, warmup_lr=1e-3, proj_dim=512,
-                      target_benchmark="arc_easy", target_examples=4, micro_batch=4)
-    base = dict(budget=4, data=data, source=SourceModelConfig(name="tiny-llama"),
+                      target_benchmark="arc_easy", target_examples=2, micro_batch=4)
+    base = dict(budget=2, data=data, source=SourceModelConfig(name="tiny-llama"),
                 selection=SelectionConfig(less=less))
     base.update(kw)
     return RunConfig(**base)
@@ -31,7 +31,7 @@ def make_cfg(shared_data, **kw) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def pool_dir(tmp_path_factory, shared_data):
-    """40 real Dolly open-QA rows, tokenised by prepare_data with SmolLM2's tokenizer."""
+    """24 real FLAN v2 CoT rows, tokenised by prepare_data with SmolLM2's tokenizer."""
     from nacd.data.prepare import prepare_data
 
     out = tmp_path_factory.mktemp("pool") / "dataset"
@@ -41,11 +41,13 @@ def pool_dir(tmp_path_factory, shared_data):
 
 # --------------------------------------------------------------------------- budget, seeds, random
 def test_budget_zero_and_above_pool_are_clear_errors(pool_dir, shared_data, tmp_path):
+    n = len(load_pool(pool_dir))
+    assert n == 24
     with pytest.raises(ValueError, match="budget"):
         make_cfg(shared_data, budget=0)
     for stage in (select_seeds, select_random, select_less):
-        with pytest.raises(ConfigError, match=r"41 samples asked but the pool has only 40.*dataset"):
-            stage(make_cfg(shared_data, budget=41), pool_dir, tmp_path / stage.__name__)
+        with pytest.raises(ConfigError, match=r"25 samples asked but the pool has only 24 \(.*dataset\)"):
+            stage(make_cfg(shared_data, budget=25), pool_dir, tmp_path / stage.__name__)
         with pytest.raises(ConfigError, match="selects no sample"):
             stage(make_cfg(shared_data, budget=0.001), pool_dir, tmp_path / stage.__name__)
         assert not (tmp_path / stage.__name__).exists()  # nothing half-written
@@ -58,7 +60,7 @@ def test_missing_dataset_names_the_folder(tmp_path, shared_data):
 
 def test_seeds_respect_budget_and_seed(pool_dir, shared_data, tmp_path):
     pool = load_pool(pool_dir)
-    for budget, k in ((0.25, 10), (7, 7)):
+    for budget, k in ((0.25, 6), (7, 7)):
         cfg = make_cfg(shared_data, budget=budget)
         summary = select_seeds(cfg, pool_dir, tmp_path / f"s{k}")
         seeds = read_seeds(tmp_path / f"s{k}")
@@ -69,7 +71,9 @@ def test_seeds_respect_budget_and_seed(pool_dir, shared_data, tmp_path):
     other = make_cfg(shared_data, budget=0.25)
     other.seed_selection.seed = 1
     select_seeds(other, pool_dir, tmp_path / "s1")
-    assert read_seeds(tmp_path / "s1")["indices"] != read_seeds(tmp_path / "s10")["indices"]
+    assert read_seeds(tmp_path / "s1")["indices"] != read_seeds(tmp_path / "s6")["indices"]
+    select_seeds(make_cfg(shared_data, budget=0.25), pool_dir, tmp_path / "again")
+    assert read_seeds(tmp_path / "again") == read_seeds(tmp_path / "s6")
 
 
 def _variant(out):
@@ -88,7 +92,7 @@ def test_random_is_reproducible_per_seed_and_differs_across_seeds(pool_dir, shar
     a, meta = _variant(tmp_path / "a")
     b, _ = _variant(tmp_path / "b")
     c, _ = _variant(tmp_path / "c")
-    assert meta["variant"] == "random" and meta["rows"] == meta["budget"] == 10 == len(a)
+    assert meta["variant"] == "random" and meta["rows"] == meta["budget"] == 6 == len(a)
     assert a == b
     assert [r["id"] for r in a] != [r["id"] for r in c]
     pool_ids = set(load_pool(pool_dir)["id"])
@@ -204,8 +208,12 @@ def test_targets_leak_check_and_mmlu_subtasks(shared_data):
 
 # --------------------------------------------------------------------------- LESS end to end
 def test_less_ranks_planted_duplicates_of_the_targets_first(pool_dir, shared_data, tmp_path):
-    """Pool: 40 real Dolly rows + 8 real ARC-Easy train questions in the targets' own format, 4 of
-    which are exactly the target examples. LESS must put the 4 duplicates on top."""
+    """Pool: 24 real FLAN CoT rows + the 2 target ARC-Easy questions, planted as training rows.
+    LESS must select exactly the planted rows (budget 2), with a clear margin.
+
+    Unrelated rows are FLAN CoT (multi-token rationales): on a random tiny model, gradients of a
+    one-word answer (some Dolly rows) look like those of a single-letter MC answer, which would
+    make the test about the tiny model rather than about LESS."""
     import datasets
 
     from nacd.data.benchmarks import load_benchmark
@@ -218,9 +226,7 @@ def test_less_ranks_planted_duplicates_of_the_targets_first(pool_dir, shared_dat
     targets = load_targets(cfg, tok)
     planted = [e["id"] for e in targets.examples]
     questions = {q.id: q for q in load_benchmark("arc_easy", "train", shared_data)}
-    distractors = [qid for qid in list(questions)[:20] if qid not in planted][:4]
-    arc_rows, _ = tokenize_rows([mc_to_instruction(questions[i]) for i in planted + distractors],
-                                tok, cfg.data)
+    arc_rows, _ = tokenize_rows([mc_to_instruction(questions[i]) for i in planted], tok, cfg.data)
     for r, e in zip(arc_rows, targets.examples):  # the planted rows really duplicate the targets
         assert r["input_ids"] == e["input_ids"] and r["labels"] == e["labels"]
     base = load_pool(pool_dir)
@@ -232,14 +238,17 @@ def test_less_ranks_planted_duplicates_of_the_targets_first(pool_dir, shared_dat
     out = tmp_path / "less"
     summary = select_less(cfg, tmp_path / "pool", out, log=lambda *_: None)
     rows, meta = _variant(out)
-    assert summary["rows"] == meta["rows"] == len(rows) == 4 and meta["variant"] == "less"
+    assert summary["rows"] == meta["rows"] == len(rows) == 2 and meta["variant"] == "less"
     assert sorted(r["id"] for r in rows) == sorted(planted)
     scores = json.loads((out / "less_scores.json").read_text())
-    assert len(scores["scores"]) == len(merged) == 48 and scores["ids"] == list(merged["id"])
+    assert len(scores["scores"]) == len(merged) == 26 and scores["ids"] == list(merged["id"])
     by_id = dict(zip(scores["ids"], scores["scores"]))
-    assert min(by_id[i] for i in planted) > max(by_id[i] for i in distractors)
+    others = [v for i, v in by_id.items() if i not in planted]
+    # Measured over data/LESS seeds 0-3: margin 0.07-0.18 (planted ~0.15-0.23, others <= 0.09).
+    assert min(by_id[i] for i in planted) > max(others) + 0.03
     assert [c["epoch"] for c in scores["checkpoints"]] == [1, 2]
     assert sum(c["weight"] for c in scores["checkpoints"]) == pytest.approx(1.0)
     assert scores["target"]["subtasks"] == {"arc_easy": planted}
-    assert [r["less_rank"] for r in rows] == [1, 2, 3, 4]
+    assert [r["less_rank"] for r in rows] == [1, 2]
+    assert rows[0]["less_score"] >= rows[1]["less_score"]
     assert not work_dir_for(out).exists()

@@ -10,7 +10,7 @@ Tuning") on the pool, at the run's budget.
    rate of epoch c (normalised to sum 1) and ``s`` the target subtasks (MMLU: subjects;
    ARC-Easy: one task). The top ``budget`` examples form the variant.
 
-Target examples (see docs/selection.md): MMLU ``dev`` (5 per subject, as LESS), ARC-Easy a seeded
+Target examples (see nacd/selection/README.md): MMLU ``dev`` (5 per subject, as LESS), ARC-Easy a seeded
 ``target_examples`` from ``train`` by default. A target split that an evaluation benchmark also
 scores is refused unless ``selection.less.allow_eval_overlap`` is set: it would leak the
 evaluation set into selection.
