@@ -247,16 +247,47 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each ``a.b.c=value`` in the nested ``data``; a numeric part indexes a list that the
+    data already holds (``evaluation.benchmarks.0.limit=20``)."""
     for item in overrides:
         path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
-            node = child
-        node[path[-1]] = value
+        node: Any = data
+        for part, nxt in zip(path[:-1], path[1:]):
+            node = _child(node, part, item, make_list=nxt.isdigit())
+        _assign(node, path[-1], value, item)
     return data
+
+
+def _child(node: Any, part: str, item: str, make_list: bool) -> Any:
+    if isinstance(node, list):
+        return _list_item(node, part, item)
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {item!r}: '{part}' is not inside a section")
+    if part not in node:
+        if make_list:  # the list lives in the schema defaults, not in this file: spell it out
+            raise ConfigError(f"--set {item!r}: '{part}' is not set in the config file; "
+                              f"set the whole list, e.g. --set '{part}=[...]'")
+        node[part] = {}
+    child = node[part]
+    if not isinstance(child, (dict, list)):
+        raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+    return child
+
+
+def _list_item(node: list, part: str, item: str) -> Any:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {item!r}: index '{part}' is not in a list of {len(node)}")
+    return node[int(part)]
+
+
+def _assign(node: Any, key: str, value: Any, item: str) -> None:
+    if isinstance(node, list):
+        _list_item(node, key, item)
+        node[int(key)] = value
+    elif isinstance(node, dict):
+        node[key] = value
+    else:
+        raise ConfigError(f"--set {item!r}: '{key}' is not inside a section")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

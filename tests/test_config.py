@@ -40,3 +40,17 @@ def test_budget_count(budget, pool, expected):
 def test_impossible_budget(budget, pool):
     with pytest.raises(ConfigError, match="budget"):
         budget_count(budget, pool)
+
+
+def test_override_indexes_a_list_from_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("evaluation:\n  benchmarks:\n    - {name: arc_easy, split: validation}\n")
+    cfg = load_config(p, ["evaluation.benchmarks.0.limit=20"])
+    assert cfg.evaluation.benchmarks[0].limit == 20
+
+
+@pytest.mark.parametrize("item,match", [("evaluation.benchmarks.0.limit=1", "set the whole list"),
+                                        ("distill.iterations.x=1", "distill.iterations")])
+def test_override_path_errors(item, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=[item])
