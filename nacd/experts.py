@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -39,6 +40,7 @@ import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 
 import torch
@@ -259,36 +261,169 @@ def gather_trainable(model: torch.nn.Module, space: ParamSpace, zero_stage: int)
 
 # --------------------------------------------------------------------------- resume state
 def _run_fingerprint(cfg: RunConfig, data_fingerprint: str, expert_index: int, world: int) -> str:
-    payload = {"experts": cfg.experts.model_dump(mode="json", exclude={"num_procs", "log_every"}),
+    payload = {"experts": cfg.experts.model_dump(mode="json", exclude={"num_procs", "log_every", "device"}),
                "source": cfg.source.model_dump(mode="json"), "data": data_fingerprint,
                "expert_index": expert_index, "world_size": world}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def save_resume(uri: str, cfg_storage, *, step: int, model, space: ParamSpace, opt, sched,
-                writer: TrajectoryWriter, run_fp: str, loss_sum: float, tokens: int) -> None:
-    state = {"step": step, "run_fingerprint": run_fp,
-             "trainable": space.get(model).clone(), "optimizer": opt.state_dict(),
-             "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-             "writer": json.dumps(writer.state.to_json()), "pending": writer.state.pending_tensors(),
-             "loss_sum": loss_sum, "tokens": tokens}
+def _torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
-    torch.save(state, buf)
-    sio.write_bytes(sio.join(uri, RESUME_STATE), buf.getvalue(), cfg_storage)
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _torch_obj(data) -> Any:
+    return torch.load(io.BytesIO(memoryview(data)), weights_only=True, map_location="cpu")
 
 
 def load_resume(uri: str, cfg_storage, run_fp: str) -> dict | None:
+    """The last committed resume state of this expert, or None (none, or another configuration)."""
     target = sio.join(uri, RESUME_STATE)
     if not sio.exists(target, cfg_storage):
         return None
-    state = torch.load(io.BytesIO(sio.read_bytes(target, cfg_storage).to_pybytes()), weights_only=True)
+    state = _torch_obj(sio.read_bytes(target, cfg_storage))
     if state.get("run_fingerprint") != run_fp:
         log.warning("%s: resume state is from another configuration; starting over", target)
         return None
     return state
 
 
-# --------------------------------------------------------------------------- the stage
+def _ds_stage_dir(uri: str) -> Path:
+    """Where DeepSpeed writes/reads its resume checkpoint: the store folder itself when local,
+    else a node-local staging folder shared by the ranks of this pod."""
+    if not sio.is_s3(uri):
+        return Path(sio.parse_uri(sio.join(uri, "_resume", "deepspeed")).path)
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"nacd-ds-resume-{digest}"
+
+
+@dataclass
+class ExpertRun:
+    """One expert's training state and the operations on it (train a step, checkpoint, resume)."""
+
+    cfg: RunConfig
+    dist: Dist
+    name: str
+    uri: str
+    seed: int
+    rows: TokenRows
+    plan: Plan
+    run_fp: str
+    device: torch.device
+    model: Any
+    space: ParamSpace
+    opt: Any
+    sched: Any
+    engine: Any = None
+    zero_stage: int = 0
+    writer: TrajectoryWriter | None = None
+    step: int = 0
+    loss_sum: float = 0.0
+    tokens: int = 0
+    resumed_from: int | None = None
+
+    # ---- resume
+    def restore(self, state: dict) -> WriterState:
+        if self.engine is None:
+            self.space.set(self.model, state["trainable"].to(self.device))
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+        else:
+            self._ds_load(state["ds_tag"])
+        self.step = self.resumed_from = int(state["step"])
+        self.loss_sum, self.tokens = float(state["loss_sum"]), int(state["tokens"])
+        log.info("%s: resuming from step %d", self.uri, self.step)
+        return WriterState.from_json(json.loads(state["writer"]), state["pending"])
+
+    def _ds_load(self, tag: str) -> None:
+        local = _ds_stage_dir(self.uri)
+        if sio.is_s3(self.uri) and self.dist.is_main:
+            shutil.rmtree(local / tag, ignore_errors=True)
+            sio.download_prefix(sio.join(self.uri, "_resume", "deepspeed", tag), local / tag, self.cfg.storage)
+        torch.distributed.barrier()
+        path, _ = self.engine.load_checkpoint(str(local), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True, load_module_strict=False)
+        if path is None:
+            raise ExpertError(f"{self.uri}: DeepSpeed resume checkpoint {tag} could not be loaded")
+        torch.set_rng_state(_torch_obj((local / tag / f"rng-rank{self.dist.rank}.pt").read_bytes()))
+
+    def save_resume(self) -> None:
+        """Called by every rank at a checkpoint step; the state object is written last."""
+        state = {"step": self.step, "run_fingerprint": self.run_fp, "loss_sum": self.loss_sum,
+                 "tokens": self.tokens}
+        if self.engine is None:
+            state.update(trainable=self.space.get(self.model).cpu().clone(), optimizer=self.opt.state_dict(),
+                         scheduler=self.sched.state_dict(), torch_rng=torch.get_rng_state())
+        else:
+            state["ds_tag"] = self._ds_save()
+        if self.writer is not None:
+            state.update(writer=json.dumps(self.writer.state.to_json()), pending=self.writer.state.pending_tensors())
+            sio.write_bytes(sio.join(self.uri, RESUME_STATE), _torch_bytes(state), self.cfg.storage)
+            if self.engine is not None:
+                self._ds_prune(keep=state["ds_tag"])
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()
+
+    def _ds_save(self) -> str:
+        tag = f"step-{self.step:08d}"
+        local = _ds_stage_dir(self.uri)
+        # collective; each rank writes its partition; frozen base weights are not state
+        self.engine.save_checkpoint(str(local), tag=tag, exclude_frozen_parameters=True)
+        (local / tag / f"rng-rank{self.dist.rank}.pt").write_bytes(_torch_bytes(torch.get_rng_state()))
+        torch.distributed.barrier()
+        if sio.is_s3(self.uri) and self.dist.is_main:
+            sio.upload_folder(local / tag, sio.join(self.uri, "_resume", "deepspeed", tag), self.cfg.storage)
+        return tag
+
+    def _ds_prune(self, keep: str) -> None:
+        """Older DeepSpeed resume checkpoints go once a newer state names another one."""
+        base = sio.join(self.uri, "_resume", "deepspeed")
+        for entry in sio.list_names(base, self.cfg.storage):
+            if entry.startswith("step-") and entry != keep:
+                sio.delete_prefix(sio.join(base, entry), self.cfg.storage)
+        if sio.is_s3(self.uri):
+            for old in _ds_stage_dir(self.uri).glob("step-*"):
+                if old.name != keep:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    # ---- training
+    def checkpoint(self) -> None:
+        if self.step not in self.plan.save_steps:
+            return
+        vec = gather_trainable(self.model, self.space, self.zero_stage)  # collective
+        if self.writer is not None and self.step != self.resumed_from:  # a resumed step is recorded
+            self.writer.append(self.step, self.step / self.plan.steps_per_epoch, self.opt.param_groups[0]["lr"], vec)
+        if self.step != self.resumed_from:
+            self.save_resume()
+
+    def train_step(self) -> float:
+        """One optimizer step over this rank's micro-batches; returns the mean loss over ranks."""
+        step_loss, step_tokens = 0.0, 0
+        pad_id, max_length = _pad_id(self.model), self.cfg.data.max_length
+        for idx in step_micro_batches(self.plan, self.seed, self.step, self.dist.rank):
+            batch = {k: v.to(self.device) for k, v in self.rows.collate(idx, pad_id, max_length).items()}
+            step_tokens += int(batch["attention_mask"].sum())
+            if self.engine is not None:
+                loss = self.engine(**batch).loss
+                self.engine.backward(loss)
+                self.engine.step()  # applies the optimizer only at the accumulation boundary
+            else:
+                loss = self.model(**batch).loss
+                (loss / self.plan.grad_accum).backward()
+            step_loss += float(loss.detach()) / self.plan.grad_accum
+        if self.engine is None:
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+        loss, step_tokens = _reduce_step(step_loss, step_tokens, self.dist)
+        self.step += 1
+        self.tokens += step_tokens
+        self.loss_sum += loss
+        return loss
+
+
 def _committed_summary(store_uri: str, name: str, cfg: RunConfig, run_fp: str) -> dict | None:
     """The summary of an already finished, identical expert (steps are safe to run twice)."""
     if not sio.exists(sio.join(expert_uri(store_uri, name), MANIFEST), cfg.storage):
@@ -302,53 +437,18 @@ def _committed_summary(store_uri: str, name: str, cfg: RunConfig, run_fp: str) -
     return {**traj.manifest["extra"].get("summary", {}), "reused": True}
 
 
-def train_expert(cfg: RunConfig, dataset_dir: str | Path, store_uri: str, expert_index: int) -> dict:
-    """Train expert ``expert_index`` and commit its trajectory; returns a JSON-able summary."""
+def _build_run(cfg: RunConfig, dist: Dist, store_uri: str, expert_index: int, rows: TokenRows,
+               plan: Plan, run_fp: str) -> ExpertRun:
     ecfg = cfg.experts
-    dist = init_distributed(ecfg)
-    name = expert_name(expert_index)
-    uri = expert_uri(store_uri, name)
     seed = ecfg.base_seed + expert_index
-    rows = load_token_rows(dataset_dir)
-    plan = make_plan(ecfg, len(rows), dist.world_size)
-    run_fp = _run_fingerprint(cfg, rows.fingerprint, expert_index, dist.world_size)
-    if dist.is_main:
-        sio.check_bucket(store_uri, cfg.storage)  # fail before any training on a missing bucket
-    done = _committed_summary(store_uri, name, cfg, run_fp)
-    if done is not None:
-        log.info("%s: already committed with this configuration, reusing it", uri)
-        return done
-
     torch.manual_seed(seed)
-    model = load_model(cfg.source.name, dtype=cfg.source.dtype, revision=cfg.source.revision)
-    model = make_trainable(model, cfg.source.param_space, seed=seed)
-    model.train()
+    device = training_device(ecfg, dist)
+    model = load_model(cfg.source.name, dtype=cfg.source.dtype, revision=cfg.source.revision, device=device)
+    model = make_trainable(model, cfg.source.param_space, seed=seed).train()
     space = ParamSpace.from_model(model, cfg.source.param_space)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, ecfg)
     sched = make_scheduler(opt, ecfg, plan.total_steps)
-    pad_id = _pad_id(model)
-
-    writer = None
-    start, loss_sum, tokens, resumed_from = 0, 0.0, 0, None
-    resume = load_resume(uri, cfg.storage, run_fp) if dist.world_size == 1 else None
-    writer_state = None
-    if resume is not None:
-        space.set(model, resume["trainable"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        torch.set_rng_state(resume["torch_rng"])
-        writer_state = WriterState.from_json(json.loads(resume["writer"]), resume["pending"])
-        start = resumed_from = int(resume["step"])
-        loss_sum, tokens = float(resume["loss_sum"]), int(resume["tokens"])
-        log.info("%s: resuming from step %d", uri, start)
-    if dist.is_main:
-        writer = TrajectoryWriter(
-            store_uri, name, space, storage=cfg.storage, storage_dtype=ecfg.storage_dtype,
-            shard_max_bytes=ecfg.shard_max_bytes, source_model=cfg.source.name,
-            source_revision=cfg.source.revision, optimizer=optimizer_meta(ecfg), seed=seed,
-            data_fingerprint=rows.fingerprint, state=writer_state)
-
     engine, zero_stage = None, 0
     if ecfg.deepspeed:
         import deepspeed
@@ -357,64 +457,76 @@ def train_expert(cfg: RunConfig, dataset_dir: str | Path, store_uri: str, expert
         zero_stage = int(ds_conf.get("zero_optimization", {}).get("stage", 0))
         engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                      model_parameters=params, config=ds_conf)
+    name = expert_name(expert_index)
+    return ExpertRun(cfg, dist, name, expert_uri(store_uri, name), seed, rows, plan, run_fp, device,
+                     model, space, opt, sched, engine, zero_stage)
 
-    def checkpoint(step: int) -> None:
-        vec = gather_trainable(model, space, zero_stage)  # collective: every rank calls it
-        if writer is not None and step in plan.save_steps:
-            if not (resume is not None and step == start):  # the resumed step is already recorded
-                writer.append(step, step / plan.steps_per_epoch, opt.param_groups[0]["lr"], vec)
-            if dist.world_size == 1:
-                save_resume(uri, cfg.storage, step=step, model=model, space=space, opt=opt, sched=sched,
-                            writer=writer, run_fp=run_fp, loss_sum=loss_sum, tokens=tokens)
+
+def train_expert(cfg: RunConfig, dataset_dir: str | Path, store_uri: str, expert_index: int) -> dict:
+    """Train expert ``expert_index`` and commit its trajectory; returns a JSON-able summary."""
+    ecfg = cfg.experts
+    dist = init_distributed(ecfg)
+    name = expert_name(expert_index)
+    rows = load_token_rows(dataset_dir)
+    plan = make_plan(ecfg, len(rows), dist.world_size)
+    run_fp = _run_fingerprint(cfg, rows.fingerprint, expert_index, dist.world_size)
+    sio.check_bucket(store_uri, cfg.storage)  # fail before any training on a missing bucket
+    done = _committed_summary(store_uri, name, cfg, run_fp)
+    if done is not None:
+        log.info("%s: already committed with this configuration, reusing it", expert_uri(store_uri, name))
+        return done
+
+    run = _build_run(cfg, dist, store_uri, expert_index, rows, plan, run_fp)
+    resume = load_resume(run.uri, cfg.storage, run_fp)
+    writer_state = run.restore(resume) if resume is not None else None
+    if dist.is_main:
+        run.writer = TrajectoryWriter(
+            store_uri, name, run.space, storage=cfg.storage, storage_dtype=ecfg.storage_dtype,
+            shard_max_bytes=ecfg.shard_max_bytes, source_model=cfg.source.name,
+            source_revision=cfg.source.revision, optimizer=optimizer_meta(ecfg), seed=run.seed,
+            data_fingerprint=rows.fingerprint, state=writer_state)
 
     t0 = time.time()
-    checkpoint(start)
-    bar = _progress(plan.total_steps, start, dist.is_main, name)
+    run.checkpoint()
+    bar = _progress(plan.total_steps, run.step, dist.is_main, name)
     last_loss = float("nan")
-    for step in range(start, plan.total_steps):
-        step_loss, step_tokens = 0.0, 0
-        for idx in step_micro_batches(plan, seed, step, dist.rank):
-            batch = rows.collate(idx, pad_id, cfg.data.max_length)
-            step_tokens += int(batch["attention_mask"].sum())
-            if engine is not None:
-                loss = engine(**batch).loss
-                engine.backward(loss)
-                engine.step()  # applies the optimizer only at the accumulation boundary
-            else:
-                loss = model(**batch).loss
-                (loss / plan.grad_accum).backward()
-            step_loss += float(loss.detach()) / plan.grad_accum
-        if engine is None:
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-        last_loss, step_tokens = _reduce_step(step_loss, step_tokens, dist)
-        tokens += step_tokens
-        loss_sum += last_loss
-        if dist.is_main and ((step + 1) % ecfg.log_every == 0 or step + 1 == plan.total_steps):
-            log.info("%s step %d/%d loss %.5f lr %.4g", name, step + 1, plan.total_steps, last_loss,
-                     opt.param_groups[0]["lr"])
+    while run.step < plan.total_steps:
+        last_loss = run.train_step()
+        if dist.is_main and (run.step % ecfg.log_every == 0 or run.step == plan.total_steps):
+            log.info("%s step %d/%d loss %.5f lr %.4g", name, run.step, plan.total_steps, last_loss,
+                     run.opt.param_groups[0]["lr"])
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}")
-        if step + 1 in plan.save_steps:
-            checkpoint(step + 1)
+        run.checkpoint()
     if bar is not None:
         bar.close()
     wall = time.time() - t0
-    summary = {"expert": name, "uri": uri, "seed": seed, "steps": plan.total_steps,
+    summary = {"expert": name, "uri": run.uri, "seed": run.seed, "steps": plan.total_steps,
                "checkpoints": len(plan.save_steps), "final_loss": last_loss,
-               "mean_loss": loss_sum / max(1, plan.total_steps), "tokens": tokens,
-               "tokens_per_s": tokens / wall if wall > 0 else None, "wall_s": round(wall, 3),
-               "world_size": dist.world_size, "resumed_from": resumed_from, "reused": False}
-    if writer is not None:
-        writer.meta["extra"] = {"run_fingerprint": run_fp, "plan": asdict(plan), "summary": summary,
-                                "deepspeed": ecfg.deepspeed, "world_size": dist.world_size}
-        writer.commit()
-        sio.delete_prefix(sio.join(uri, "_resume"), cfg.storage)
+               "mean_loss": run.loss_sum / max(1, plan.total_steps), "tokens": run.tokens,
+               "tokens_per_s": run.tokens / wall if wall > 0 else None, "wall_s": round(wall, 3),
+               "world_size": dist.world_size, "resumed_from": run.resumed_from, "reused": False}
+    if run.writer is not None:
+        run.writer.meta["extra"] = {"run_fingerprint": run_fp, "plan": asdict(plan), "summary": summary,
+                                    "deepspeed": ecfg.deepspeed, "world_size": dist.world_size}
+        run.writer.commit()
+        sio.delete_prefix(sio.join(run.uri, "_resume"), cfg.storage)
+        if run.engine is not None and sio.is_s3(run.uri):
+            shutil.rmtree(_ds_stage_dir(run.uri), ignore_errors=True)
     if dist.world_size > 1:
         torch.distributed.barrier()
     return summary
+
+
+def training_device(cfg: ExpertsConfig, dist: Dist) -> torch.device:
+    """``auto``: this process's GPU when there is one, else the CPU."""
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ExpertError("experts.device=cuda but no CUDA device is visible")
+    torch.cuda.set_device(dist.local_rank)
+    return torch.device("cuda", dist.local_rank)
 
 
 def _pad_id(model) -> int:
