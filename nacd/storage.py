@@ -19,6 +19,7 @@ exponential backoff, then raise :class:`StorageError` naming the operation and t
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -116,11 +117,23 @@ class S3Settings:
         return cls(endpoint or None, region, cfg.retries)
 
 
-def _credentials() -> tuple[str, str, str | None]:
-    """The standard AWS credential chain (botocore), resolved once per filesystem."""
+_CHAIN_ENV = _SECRET_ENV + ("AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+                            "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_EC2_METADATA_DISABLED")
+
+
+@lru_cache(maxsize=4)
+def _credential_source(env_key: str):
+    """botocore's credential object for one state of the environment (resolving the chain costs
+    ~30 ms; the object refreshes expiring credentials by itself)."""
     import botocore.session
 
-    creds = botocore.session.get_session().get_credentials()
+    return botocore.session.get_session().get_credentials()
+
+
+def _credentials() -> tuple[str, str, str | None]:
+    """The standard AWS credential chain (botocore): environment, shared files, web identity..."""
+    env_key = hashlib.sha256(repr([os.environ.get(v) for v in _CHAIN_ENV]).encode()).hexdigest()
+    creds = _credential_source(env_key)
     if creds is None:
         raise StorageError("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                            "(or AWS_PROFILE / a mounted Kubernetes Secret) in the environment")
