@@ -1,6 +1,7 @@
 """Selection baselines: seeds, random subset and LESS, on real data and tiny models."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -162,17 +163,22 @@ def test_warmup_resumes_to_the_same_state(pool_dir, shared_data, tmp_path):
     from nacd.models import ParamSpace, load_model, make_trainable
 
     cfg = make_cfg(shared_data)
-    rows = [dict(r) for r in load_pool(pool_dir).select(range(8)).select_columns(["input_ids", "labels"])]
+    cfg.selection.less.micro_batch = 2
+    # Real token sequences, cut to 24 tokens (loss on the last 16) to keep the test fast.
+    ids = load_pool(pool_dir).select(range(4))["input_ids"]
+    rows = [{"input_ids": list(x[:24]), "labels": [-100] * 8 + list(x[8:24])} for x in ids]
 
-    def fresh():
-        model = make_trainable(load_model("tiny-llama"), cfg.source.param_space, seed=0)
+    base = load_model("tiny-llama")
+
+    def fresh():  # the same starting point for each run, built once
+        model = make_trainable(copy.deepcopy(base), cfg.source.param_space, seed=0)
         return model, ParamSpace.from_model(model, cfg.source.param_space)
 
     model, space = fresh()
     full = warmup_train(model, space, rows, cfg.selection.less, tmp_path / "full", log=lambda *_: None)
     assert [c.epoch for c in full] == [1, 2] and full[1].step == 4 and full[1].adam.step == 4
-    # linear schedule, 4 steps, ceil(0.03 * 4) = 1 warm-up step: lrs 0, 1e-3, 2/3e-3, 1/3e-3
-    assert full[0].mean_lr == pytest.approx(0.5e-3) and full[1].mean_lr == pytest.approx(0.5e-3)
+    # linear schedule, 4 steps, ceil(0.03 * 4) = 1 ramp step: lrs 0.5e-3, 1e-3, 2/3e-3, 1/3e-3
+    assert full[0].mean_lr == pytest.approx(0.75e-3) and full[1].mean_lr == pytest.approx(0.5e-3)
     assert not torch.equal(full[0].params, full[1].params)
 
     one = cfg.selection.less.model_copy(update={"warmup_epochs": 1})
@@ -207,9 +213,10 @@ def test_targets_leak_check_and_mmlu_subtasks(shared_data):
 
 
 # --------------------------------------------------------------------------- LESS end to end
-def test_less_ranks_planted_duplicates_of_the_targets_first(pool_dir, shared_data, tmp_path):
-    """Pool: 24 real FLAN CoT rows + the 2 target ARC-Easy questions, planted as training rows.
-    LESS must select exactly the planted rows (budget 2), with a clear margin.
+@pytest.fixture(scope="module")
+def planted(pool_dir, shared_data, tmp_path_factory):
+    """Pool: the 24 real FLAN CoT rows + the 2 target ARC-Easy questions planted as training rows;
+    LESS run once on it. Returns (cfg, pool folder, LESS output folder, planted ids).
 
     Unrelated rows are FLAN CoT (multi-token rationales): on a random tiny model, gradients of a
     one-word answer (some Dolly rows) look like those of a single-letter MC answer, which would
@@ -224,31 +231,65 @@ def test_less_ranks_planted_duplicates_of_the_targets_first(pool_dir, shared_dat
     cfg = make_cfg(shared_data)
     tok = load_tokenizer("tiny-llama")
     targets = load_targets(cfg, tok)
-    planted = [e["id"] for e in targets.examples]
+    ids = [e["id"] for e in targets.examples]
     questions = {q.id: q for q in load_benchmark("arc_easy", "train", shared_data)}
-    arc_rows, _ = tokenize_rows([mc_to_instruction(questions[i]) for i in planted], tok, cfg.data)
+    arc_rows, _ = tokenize_rows([mc_to_instruction(questions[i]) for i in ids], tok, cfg.data)
     for r, e in zip(arc_rows, targets.examples):  # the planted rows really duplicate the targets
         assert r["input_ids"] == e["input_ids"] and r["labels"] == e["labels"]
     base = load_pool(pool_dir)
     merged = datasets.concatenate_datasets([base, datasets.Dataset.from_list(arc_rows).cast(base.features)])
-    merged = merged.shuffle(seed=0)
-    (tmp_path / "pool").mkdir()
-    merged.save_to_disk(str(tmp_path / "pool" / "hf"))
+    root = tmp_path_factory.mktemp("planted")
+    merged.shuffle(seed=0).save_to_disk(str(root / "pool" / "hf"))
+    select_less(cfg, root / "pool", root / "less", log=lambda *_: None)
+    return cfg, root / "pool", root / "less", ids
 
-    out = tmp_path / "less"
-    summary = select_less(cfg, tmp_path / "pool", out, log=lambda *_: None)
+
+def test_less_ranks_planted_duplicates_of_the_targets_first(planted):
+    cfg, pool, out, ids = planted
     rows, meta = _variant(out)
-    assert summary["rows"] == meta["rows"] == len(rows) == 2 and meta["variant"] == "less"
-    assert sorted(r["id"] for r in rows) == sorted(planted)
+    assert meta["rows"] == len(rows) == 2 and meta["variant"] == "less" and meta["budget"] == 2
+    assert sorted(r["id"] for r in rows) == sorted(ids)
     scores = json.loads((out / "less_scores.json").read_text())
-    assert len(scores["scores"]) == len(merged) == 26 and scores["ids"] == list(merged["id"])
+    assert len(scores["scores"]) == 26 and scores["ids"] == list(load_pool(pool)["id"])
     by_id = dict(zip(scores["ids"], scores["scores"]))
-    others = [v for i, v in by_id.items() if i not in planted]
+    others = [v for i, v in by_id.items() if i not in ids]
     # Measured over data/LESS seeds 0-3: margin 0.07-0.18 (planted ~0.15-0.23, others <= 0.09).
-    assert min(by_id[i] for i in planted) > max(others) + 0.03
+    assert min(by_id[i] for i in ids) > max(others) + 0.03
     assert [c["epoch"] for c in scores["checkpoints"]] == [1, 2]
     assert sum(c["weight"] for c in scores["checkpoints"]) == pytest.approx(1.0)
-    assert scores["target"]["subtasks"] == {"arc_easy": planted}
+    assert scores["target"]["subtasks"] == {"arc_easy": ids}
     assert [r["less_rank"] for r in rows] == [1, 2]
     assert rows[0]["less_score"] >= rows[1]["less_score"]
     assert not work_dir_for(out).exists()
+
+
+def test_less_resumes_after_a_crash_with_the_same_result(planted, tmp_path, monkeypatch):
+    import nacd.selection.less as less
+
+    cfg, pool, reference, _ = planted
+    real = less.checkpoint_scores
+    calls = []
+
+    def crash_at_epoch_2(model, space, ckpt, *args):
+        calls.append(ckpt.epoch)
+        if ckpt.epoch == 2 and calls.count(2) == 1:
+            raise RuntimeError("simulated crash")
+        return real(model, space, ckpt, *args)
+
+    monkeypatch.setattr(less, "checkpoint_scores", crash_at_epoch_2)
+    out = tmp_path / "less"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        select_less(cfg, pool, out, log=lambda *_: None)
+    assert not out.exists()  # no half-written variant
+    work = work_dir_for(out)
+    assert (work / "scores-epoch-001.safetensors").is_file()
+    assert len(load_checkpoints(work / "warmup")) == 2
+
+    messages = []
+    select_less(cfg, pool, out, log=messages.append)
+    assert calls == [1, 2, 2]  # epoch 1's scores came from the cache
+    assert not any("warm-up: epoch" in m for m in messages)  # no warm-up step was redone
+    got = json.loads((out / "less_scores.json").read_text())
+    want = json.loads((reference / "less_scores.json").read_text())
+    assert got["selected"] == want["selected"]
+    assert got["scores"] == pytest.approx(want["scores"], abs=1e-6)

@@ -49,10 +49,12 @@ class Checkpoint:
 
 
 def lr_at(step: int, total: int, peak: float, schedule: str, warmup_ratio: float) -> float:
-    """Learning rate of optimizer step ``step`` (0-based), as HF's schedules compute it."""
+    """Learning rate of optimizer step ``step`` (0-based): a linear ramp over the first
+    ``ceil(warmup_ratio * total)`` steps, then HF's constant/linear/cosine decay. Unlike HF's ramp
+    (lr 0 at step 0) the ramp starts at peak/(warm+1): a warm-up of a single step must still move."""
     warm = math.ceil(warmup_ratio * total)
     if step < warm:
-        return peak * step / warm
+        return peak * (step + 1) / (warm + 1)
     if schedule == "constant":
         return peak
     progress = (step - warm) / max(1, total - warm)
