@@ -1,0 +1,315 @@
+"""Quality benchmark: does a distilled set train models better than selection at the same budget,
+and does the edge survive the transfer to another architecture?
+
+For each setting (A: ARC-Easy train as instruction data; B: LIMA + Dolly open_qa + FLAN v2 CoT),
+budget and seed it runs the library's stages in order (prepare -> experts -> seeds -> distill ->
+projection; random; LESS; full; none), fine-tunes every target on every variant with the same
+recipe, scores the benchmarks, and writes
+
+    <out>/quality.json   one row per (setting, budget, variant, target, seed, benchmark)
+    <out>/quality.md     mean +- std over seeds; distilled - random and distilled - LESS with a
+                         paired t-test over seeds
+    <out>/quality.png    accuracy against budget per variant
+
+Every unit of work lands in ``<work>/...`` through the stages' atomic writers and is skipped when
+already there, so a killed run resumes where it stopped and a rerun only aggregates.
+
+    python bench/quality.py --scale small --data-dir ../shared/data            # CPU, reduced
+    python bench/quality.py --scale full --data-dir DIR --device cuda          # one H200
+    python bench/quality.py --scale small --only-setting A --budgets 0.05 --seeds 0 --ablations
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    # Setting A: task data. The pool is ARC-Easy train; LESS targets come from held-out train rows.
+    "A": {"data": {"sources": [{"name": "arc_easy", "split": "train"}]},
+          "evaluation": {"benchmarks": [{"name": "arc_easy", "split": "validation"}]},
+          "selection": {"less": {"target_benchmark": "arc_easy"}}},
+    # Setting B: general instruction data; LESS targets MMLU dev (5 per subject, as LESS does).
+    "B": {"data": {"sources": [{"name": "lima", "split": "train"},
+                               {"name": "dolly_open_qa", "split": "train"},
+                               {"name": "flan_v2_cot", "split": "train"}]},
+          "evaluation": {"benchmarks": [{"name": "arc_easy", "split": "validation"},
+                                        {"name": "mmlu", "split": "val"}]},
+          "selection": {"less": {"target_benchmark": "mmlu"}}},
+}
+# Ablations of the headline setting (A at 5 %): dotted overrides of the distill section, plus
+# "no_projection", which trains the source model on the learnt embeddings themselves.
+ABLATIONS: dict[str, list[str]] = {
+    "beta0": ["distill.beta=0"],
+    "P4": ["distill.prompt_len=4"], "P16": ["distill.prompt_len=16"],
+    "N2": ["distill.syn_steps=2"], "N8": ["distill.syn_steps=8"],
+    "M1": ["distill.expert_epochs=1"], "M4": ["distill.expert_epochs=4"],
+}
+
+
+@dataclass
+class Plan:
+    scale: str
+    settings: list[str]
+    budgets: list[float]
+    seeds: list[int]
+    targets: list[str]
+    ablations: bool
+    out: Path
+    work: Path
+    data_dir: str | None
+    overrides: list[str] = field(default_factory=list)
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def setting_config(plan: Plan, setting: str, budget: float, seed: int, extra: list[str] = ()):
+    """The RunConfig of one unit: scale preset, setting, budget and seed, then user overrides."""
+    import yaml
+
+    from nacd.config import RunConfig, apply_overrides
+
+    base = yaml.safe_load((BENCH / f"quality_{plan.scale}.yaml").read_text())
+    data = deep_merge(base, SETTINGS[setting])
+    data = deep_merge(data, {"budget": budget,
+                             "data": {"data_dir": plan.data_dir},
+                             "seed_selection": {"seed": seed},
+                             "distill": {"seed": seed},
+                             "selection": {"seed": seed, "less": {"seed": seed}},
+                             "evaluation": {"targets": plan.targets, "finetune": {"seed": seed}}})
+    data = apply_overrides(data, [*plan.overrides, *extra])
+    return RunConfig.model_validate(data)
+
+
+def once(marker: Path, run: Callable[[], Any], label: str) -> float:
+    """Run a stage unless its completion marker exists; return its wall time (0 when skipped)."""
+    if marker.exists():
+        return 0.0
+    print(f"[quality] {label}", flush=True)
+    start = time.time()
+    run()
+    return time.time() - start
+
+
+def score_rows(scores_file: Path, context: dict) -> list[dict]:
+    return [{**context, **row} for row in json.loads(scores_file.read_text())]
+
+
+def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
+             extra: list[str] = ()) -> list[dict]:
+    """One (setting, budget, seed[, ablation]) unit: every variant, every target; returns rows."""
+    from nacd.data.prepare import prepare_data
+    from nacd.data.variants import full_variant
+    from nacd.distill.run import distill
+    from nacd.evaluation.run import evaluate
+    from nacd.experts import train_expert
+    from nacd.projection import project_ids
+    from nacd.selection.less import select_less
+    from nacd.selection.random import select_random
+    from nacd.selection.seeds import select_seeds
+
+    cfg = setting_config(plan, setting, budget, seed, extra)
+    root = plan.work / setting
+    unit = root / f"budget-{budget:g}" / f"seed-{seed}"
+    tag = f"{setting} budget={budget:g} seed={seed}{' ' + name if name else ''}"
+    dataset, store = root / "prepared", root / "trajectories"
+    walls: dict[str, float] = {}
+    # Shared by all budgets and seeds of a setting: the pool and the expert trajectories.
+    walls["prepare"] = once(dataset / "prepare.json", lambda: prepare_data(cfg, dataset), f"{tag}: prepare")
+    for e in range(cfg.experts.num_experts):
+        manifest = store / "experts" / f"expert-{e:03d}" / "manifest.json"
+        walls[f"expert{e}"] = once(manifest, lambda e=e: train_expert(cfg, dataset, str(store), e),
+                                   f"{tag}: expert {e}")
+    seeds_dir = unit / "seeds"
+    walls["seeds"] = once(seeds_dir / "seeds.json", lambda: select_seeds(cfg, dataset, seeds_dir), f"{tag}: seeds")
+    syn = unit / f"synthetic{('-' + name) if name else ''}"
+    distilled = unit / f"distilled{('-' + name) if name else ''}"
+    walls["distill"] = once(syn / "synthetic.json",
+                            lambda: distill(cfg, dataset, seeds_dir, str(store), syn), f"{tag}: distill")
+    walls["project"] = once(distilled / "variant.json", lambda: project_ids(cfg, syn, distilled),
+                            f"{tag}: project")
+    variants: dict[str, Path | None] = {("distilled-" + name) if name else "distilled": distilled}
+    if not name:
+        for vname, fn, vdir in (("random", select_random, unit / "random"),
+                                ("less", select_less, unit / "less")):
+            walls[vname] = once(vdir / "variant.json", lambda fn=fn, vdir=vdir: fn(cfg, dataset, vdir),
+                                f"{tag}: {vname}")
+            variants[vname] = vdir
+        full = root / "full"
+        walls["full"] = once(full / "variant.json", lambda: full_variant(dataset, full), f"{tag}: full")
+        variants["full"], variants["none"] = full, None
+    rows = []
+    for target, (vname, vdir) in product(cfg.evaluation.targets, variants.items()):
+        # full and none do not depend on the budget: scored once per seed (none once) and reused.
+        where = {"full": root / "scores" / "full" / f"seed-{seed}",
+                 "none": root / "scores" / "none"}.get(vname, unit / "scores" / vname)
+        out = where / target
+        walls[f"eval:{target}:{vname}"] = once(
+            out / "scores.json", lambda: evaluate(cfg, target, vname, vdir, out), f"{tag}: evaluate {target} on {vname}")
+        rows += score_rows(out / "scores.json", {"setting": setting, "budget": budget, "seed": seed,
+                                                 "variant": vname, "target": target})
+    for row in rows:
+        row["config"] = {"distill": cfg.distill.model_dump(), "experts": cfg.experts.model_dump(),
+                         "finetune": cfg.evaluation.finetune.model_dump(), "scale": plan.scale}
+        row["stage_wall_s"] = walls
+    return rows
+
+
+# --------------------------------------------------------------------------- statistics
+def paired_t(diffs: list[float]) -> tuple[float, float]:
+    """Paired t-test over seeds on per-seed differences: (t, two-sided p); p=nan below 2 seeds."""
+    n = len(diffs)
+    if n < 2:
+        return float("nan"), float("nan")
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    if sd == 0:
+        return (math.inf if mean > 0 else -math.inf if mean < 0 else 0.0), (0.0 if mean else 1.0)
+    from scipy import stats
+
+    t = mean / (sd / math.sqrt(n))
+    return t, float(2 * stats.t.sf(abs(t), n - 1))
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.1f} ± {100 * sd:.1f}"
+
+
+def summarise(rows: list[dict]) -> str:
+    """Markdown: accuracy table per (setting, target, benchmark), then the paired differences."""
+    key = lambda r: (r["setting"], r["target"], r["benchmark"])  # noqa: E731
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    lines = ["# Quality benchmark", "",
+             "Accuracy (%) as mean ± std over seeds; `full` and `none` do not depend on the budget.", ""]
+    for (setting, target, bench), rs in sorted(groups.items()):
+        budgets = sorted({r["budget"] for r in rs})
+        variants = sorted({r["variant"] for r in rs}, key=lambda v: (v not in ("distilled", "random", "less"), v))
+        lines += [f"## Setting {setting} · target {target} · {bench}", "",
+                  "| variant | " + " | ".join(f"{100 * b:g} %" if b < 1 else f"{b:g}" for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for v in variants:
+            cells = []
+            for b in budgets:
+                accs = [r["acc"] for r in rs if r["variant"] == v and (r["budget"] == b or v in ("full", "none"))]
+                accs = accs if v not in ("full", "none") else _dedupe_by_seed(rs, v)
+                cells.append(mean_std(accs))
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        lines += ["", "| budget | distilled − random | p | distilled − LESS | p |", "|---|---|---|---|---|"]
+        for b in budgets:
+            cmp = []
+            for other in ("random", "less"):
+                diffs = _paired(rs, b, "distilled", other)
+                t, p = paired_t(diffs)
+                cmp += [f"{100 * statistics.fmean(diffs):+.1f}" if diffs else "-", f"{p:.3f}" if diffs else "-"]
+            lines.append(f"| {100 * b:g} % | " + " | ".join(cmp) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _dedupe_by_seed(rs: list[dict], variant: str) -> list[float]:
+    return list({r["seed"]: r["acc"] for r in rs if r["variant"] == variant}.values())
+
+
+def _paired(rs: list[dict], budget: float, a: str, b: str) -> list[float]:
+    by = {(r["variant"], r["seed"]): r["acc"] for r in rs if r["budget"] == budget}
+    return [by[(a, s)] - by[(b, s)] for (v, s) in by if v == a and (b, s) in by]
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["setting"], r["target"], r["benchmark"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (setting, target, bench) in zip(axes[0], panels):
+        rs = [r for r in rows if (r["setting"], r["target"], r["benchmark"]) == (setting, target, bench)]
+        budgets = sorted({r["budget"] for r in rs})
+        for v in ("distilled", "random", "less"):
+            means, sds = [], []
+            for b in budgets:
+                accs = [100 * r["acc"] for r in rs if r["variant"] == v and r["budget"] == b]
+                means.append(statistics.fmean(accs) if accs else math.nan)
+                sds.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
+            ax.errorbar([100 * b for b in budgets], means, yerr=sds, marker="o", capsize=3, label=v)
+        for v, style in (("full", "--"), ("none", ":")):
+            accs = _dedupe_by_seed(rs, v)
+            if accs:
+                ax.axhline(100 * statistics.fmean(accs), linestyle=style, color="grey", label=v)
+        ax.set(title=f"{setting} · {target} · {bench}", xlabel="budget (% of pool)", ylabel="accuracy (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> Plan:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", choices=["small", "full"], default="small")
+    ap.add_argument("--only-setting", action="append", choices=sorted(SETTINGS), dest="settings")
+    ap.add_argument("--budgets", default="0.01,0.05,0.1")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--targets", default="smollm2-135m-instruct,gemma3-270m")
+    ap.add_argument("--ablations", action="store_true", help="also run the 5 %% setting-A ablations")
+    ap.add_argument("--data-dir", default=None, help="folder laid out like shared/data (offline)")
+    ap.add_argument("--out", type=Path, default=BENCH / "results")
+    ap.add_argument("--work", type=Path, default=None, help="stage outputs (default: <out>/work-<scale>)")
+    ap.add_argument("--set", action="append", default=[], dest="overrides",
+                    help="config override applied to every unit, e.g. evaluation.benchmarks.0.limit=100")
+    a = ap.parse_args(argv)
+    return Plan(scale=a.scale, settings=a.settings or sorted(SETTINGS),
+                budgets=[float(b) for b in a.budgets.split(",")], seeds=[int(s) for s in a.seeds.split(",")],
+                targets=a.targets.split(","), ablations=a.ablations, out=a.out,
+                work=a.work or a.out / f"work-{a.scale}", data_dir=a.data_dir, overrides=a.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    plan = parse_args(argv)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    results = plan.out / "quality.json"
+    started = time.time()
+    rows: list[dict] = []
+    for setting, budget, seed in product(plan.settings, plan.budgets, plan.seeds):
+        rows += run_unit(plan, setting, budget, seed)
+        _write(results, plan, rows, started)
+    if plan.ablations:
+        for (name, extra), seed in product(ABLATIONS.items(), plan.seeds):
+            rows += [r for r in run_unit(plan, "A", 0.05, seed, name, extra) if r["variant"].startswith("distilled-")]
+            _write(results, plan, rows, started)
+    (plan.out / "quality.md").write_text(summarise(rows) + "\n")
+    plot(rows, plan.out / "quality.png")
+    print((plan.out / "quality.md").read_text())
+    print(f"[quality] wrote {results}, quality.md and quality.png in {time.time() - started:.0f} s")
+    return 0
+
+
+def _write(path: Path, plan: Plan, rows: list[dict], started: float) -> None:
+    doc = {"scale": plan.scale, "settings": plan.settings, "budgets": plan.budgets, "seeds": plan.seeds,
+           "targets": plan.targets, "wall_s": round(time.time() - started, 1), "rows": rows}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
