@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from nacd import storage as sio
-from nacd.config import ExpertsConfig, RunConfig, dump_config, load_config
+from nacd.config import ExpertsConfig, RunConfig, StorageConfig, dump_config, load_config
 from nacd.models import ParamSpace, load_model, make_trainable
 from nacd.trajectories import (MANIFEST, TrajectoryError, TrajectoryWriter, WriterState, expert_name,
                                expert_uri, open_store)
@@ -134,16 +134,19 @@ class TokenRows:
         return {"input_ids": out, "labels": lab, "attention_mask": mask}
 
 
-def load_token_rows(dataset_dir: str | Path) -> TokenRows:
+def load_token_rows(dataset_dir: str | Path, storage: StorageConfig | None = None) -> TokenRows:
     """The tokenised dataset (``<dir>/hf`` + ``prepare.json``); s3:// folders are fetched first."""
+    if not sio.is_s3(dataset_dir):
+        return _read_token_rows(Path(dataset_dir))
+    with tempfile.TemporaryDirectory(prefix="nacd-dataset-") as tmp:
+        sio.download_prefix(str(dataset_dir), Path(tmp), storage)
+        return _read_token_rows(Path(tmp))  # rows are in memory: the copy can go
+
+
+def _read_token_rows(folder: Path) -> TokenRows:
     import datasets
 
-    src = str(dataset_dir)
-    if sio.is_s3(src):
-        local = Path(tempfile.mkdtemp(prefix="nacd-dataset-"))
-        sio.download_prefix(src, local)
-        src = str(local)
-    hf = Path(src) / "hf"
+    hf = folder / "hf"
     if not hf.is_dir():
         raise ExpertError(f"{hf}: no tokenised dataset here (expected prepare_data output with hf/)")
     state = hf / "state.json"
@@ -154,11 +157,11 @@ def load_token_rows(dataset_dir: str | Path) -> TokenRows:
     missing = {"input_ids", "labels"} - set(ds.column_names)
     if missing:
         raise ExpertError(f"{hf}: dataset lacks column(s) {sorted(missing)}")
-    ids, labels = ds["input_ids"], ds["labels"]
+    ids, labels = list(ds["input_ids"]), list(ds["labels"])
     for k, (x, y) in enumerate(zip(ids, labels)):
         if len(x) != len(y) or not x:
             raise ExpertError(f"{hf}: row {k}: input_ids and labels differ in length or are empty")
-    prep = Path(src) / "prepare.json"
+    prep = folder / "prepare.json"
     if prep.is_file():
         fingerprint = json.loads(prep.read_text())["fingerprint"]
     else:
@@ -166,7 +169,7 @@ def load_token_rows(dataset_dir: str | Path) -> TokenRows:
         for x, y in zip(ids, labels):
             h.update(json.dumps([x, y]).encode())
         fingerprint = h.hexdigest()
-    return TokenRows(list(ids), list(labels), fingerprint)
+    return TokenRows(ids, labels, fingerprint)
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -467,7 +470,7 @@ def train_expert(cfg: RunConfig, dataset_dir: str | Path, store_uri: str, expert
     ecfg = cfg.experts
     dist = init_distributed(ecfg)
     name = expert_name(expert_index)
-    rows = load_token_rows(dataset_dir)
+    rows = load_token_rows(dataset_dir, cfg.storage)
     plan = make_plan(ecfg, len(rows), dist.world_size)
     run_fp = _run_fingerprint(cfg, rows.fingerprint, expert_index, dist.world_size)
     sio.check_bucket(store_uri, cfg.storage)  # fail before any training on a missing bucket

@@ -97,13 +97,14 @@ def test_sgd_trajectory_matches_a_hand_computed_step(dataset, shared_data, tmp_p
         assert (traj.read(step + 1) - traj.read(step)).norm() > 1e-4  # it did move
 
 
-def test_expert_into_s3_is_reused_on_a_second_run(dataset, shared_data, s3_bucket, one_thread):
+def test_expert_from_and_into_s3_is_reused_on_a_second_run(dataset, shared_data, s3_bucket, one_thread):
     endpoint, bucket = s3_bucket
     cfg = tiny_config(shared_data, "experts.max_steps=4", "experts.save_every=2",
                       "experts.optimizer=adamw", "experts.schedule=cosine", "experts.storage_dtype=bfloat16",
                       f"storage.endpoint_url={endpoint}")
     root = f"s3://{bucket}/run"
-    first = train_expert(cfg, dataset, root, 0)
+    storage.upload_folder(dataset, f"s3://{bucket}/data", cfg.storage)  # the dataset comes from S3 too
+    first = train_expert(cfg, f"s3://{bucket}/data", root, 0)
     assert first["reused"] is False and first["final_loss"] < 20
     store = open_store(root, cfg.storage)
     traj = store.expert("expert-000")
@@ -111,7 +112,7 @@ def test_expert_into_s3_is_reused_on_a_second_run(dataset, shared_data, s3_bucke
     assert traj.manifest["optimizer"]["name"] == "adamw"
     # resume state is removed once the trajectory is committed
     assert "_resume" not in storage.list_names(traj.uri, cfg.storage)
-    second = train_expert(cfg, dataset, root, 0)
+    second = train_expert(cfg, dataset, root, 0)  # same rows (same fingerprint) from disk
     assert second["reused"] is True and second["final_loss"] == first["final_loss"]
 
 
