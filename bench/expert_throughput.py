@@ -2,7 +2,8 @@
 
 Both train the same model (LoRA, same seed), on the same tokenised rows (real ARC-Easy train
 rows, prepared by ``prepare_data``), with the same optimizer, micro-batch, accumulation and number
-of optimizer steps, in the same process, alternating ``--repeats`` times (best of each kept, so
+of optimizer steps (the Trainer is fed nacd's exact micro-batches in nacd's order, so both
+process the same tokens), in the same process, alternating ``--repeats`` times (best of each kept, so
 neither side pays for a cold start). nacd also writes a checkpoint to the trajectory store every
 ``--save-every`` steps; the Trainer saves nothing. The ratio nacd / Trainer in tokens per second
 is therefore the cost of recording trajectories plus any loop overhead (target >= 0.95).
@@ -26,7 +27,8 @@ import torch
 
 from nacd.config import RunConfig, load_config
 from nacd.data.prepare import prepare_data
-from nacd.experts import load_token_rows, make_optimizer, make_scheduler, train_expert
+from nacd.experts import (load_token_rows, make_optimizer, make_plan, make_scheduler, step_micro_batches,
+                          train_expert)
 from nacd.models import load_model, make_trainable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +44,12 @@ def run_trainer(cfg: RunConfig, dataset: Path, device: torch.device) -> dict:
     """The reference: HF Trainer, same model/seed/optimizer/batches, no checkpoints."""
     from transformers import Trainer, TrainingArguments
 
+    from torch.utils.data import SequentialSampler
+
+    class InOrderTrainer(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
     rows = load_token_rows(dataset)
     ecfg = cfg.experts
     seed = ecfg.base_seed
@@ -54,18 +62,22 @@ def run_trainer(cfg: RunConfig, dataset: Path, device: torch.device) -> dict:
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     counted = {"tokens": 0}
 
-    def collate(idx: list[int]) -> dict:
-        batch = rows.collate(idx, pad, cfg.data.max_length)
+    # the very micro-batches nacd trains on, in its order: each dataset item is one micro-batch
+    plan = make_plan(ecfg, len(rows))
+    micro = [mb for step in range(ecfg.max_steps) for mb in step_micro_batches(plan, seed, step)]
+
+    def collate(items: list[list[int]]) -> dict:
+        batch = rows.collate(items[0], pad, cfg.data.max_length)
         counted["tokens"] += int(batch["attention_mask"].sum())
         return batch
 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=ecfg.micro_batch,
+            output_dir=out, per_device_train_batch_size=1,
             gradient_accumulation_steps=ecfg.grad_accum, max_steps=ecfg.max_steps, save_strategy="no",
             report_to=[], logging_steps=10**9, disable_tqdm=True, use_cpu=device.type == "cpu",
             remove_unused_columns=False, dataloader_drop_last=True, seed=seed)
-        trainer = Trainer(model=model, args=args, train_dataset=list(range(len(rows))),
+        trainer = InOrderTrainer(model=model, args=args, train_dataset=micro,
                           data_collator=collate, optimizers=(opt, sched))
         start = time.perf_counter()
         trainer.train()
