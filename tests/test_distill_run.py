@@ -244,13 +244,13 @@ def test_short_distillation_on_smollm2_lowers_l_match(tmp_path, shared_data):
     target, samples), so the recorded L_match values are comparable across iterations."""
     name = "smollm2-135m-instruct"
     tok = load_tokenizer(name)
-    rows = arc_rows(shared_data, 3, 24, tok)
+    rows = arc_rows(shared_data, 3, 20, tok)
     dataset_dir, seeds_dir = write_dataset(rows, tmp_path, [0, 1])
     store = str(tmp_path / "store")
     write_experts(name, ParamSpaceConfig(), rows, store, checkpoints=2, steps_per_checkpoint=2, lr=0.05)
-    cfg = load_config(overrides=[f"source.name={name}", "distill.prompt_len=2", "distill.syn_steps=2",
+    cfg = load_config(overrides=[f"source.name={name}", "distill.prompt_len=2", "distill.syn_steps=1",
                                  "distill.expert_epochs=1", "distill.max_start=1", "distill.batch_syn=2",
-                                 "distill.iterations=4", "distill.lr_embeddings=1e-3", "distill.lr_alpha=0.3",
+                                 "distill.iterations=3", "distill.lr_embeddings=1e-3", "distill.lr_alpha=0.5",
                                  "distill.init_alpha=0.01", "distill.beta=0.01"])
     summary = distill(cfg, dataset_dir, seeds_dir, store, tmp_path / "syn", progress=False)
     history = SyntheticSet.from_pretrained(tmp_path / "syn").meta["history"]
