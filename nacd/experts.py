@@ -266,6 +266,7 @@ def gather_trainable(model: torch.nn.Module, space: ParamSpace, zero_stage: int)
 def _run_fingerprint(cfg: RunConfig, data_fingerprint: str, expert_index: int, world: int) -> str:
     payload = {"experts": cfg.experts.model_dump(mode="json", exclude={"num_procs", "log_every", "device"}),
                "source": cfg.source.model_dump(mode="json"), "data": data_fingerprint,
+               "max_length": cfg.data.max_length,  # batches are cut to it at collate time
                "expert_index": expert_index, "world_size": world}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
