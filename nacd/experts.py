@@ -241,7 +241,7 @@ def deepspeed_config(cfg: ExpertsConfig, world_size: int) -> dict:
         except ValueError as e:
             raise ExpertError(f"{name}: DeepSpeed config is not valid JSON: {e}") from None
     else:
-        preset = resources.files("nacd.resources.deepspeed") / f"{name}.json"
+        preset = resources.files("nacd") / "resources" / "deepspeed" / f"{name}.json"
         if not preset.is_file():
             raise ExpertError(f"experts.deepspeed: {name!r} is neither a preset (zero0..zero3) nor a JSON file")
         conf = json.loads(preset.read_text())
