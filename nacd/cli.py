@@ -40,6 +40,7 @@ def resolve_config(path: str | None, overrides: Sequence[str], data_dir: str | N
     """Load, override and validate; every check that can fail without data runs here, before
     anything is written."""
     from nacd.pipeline_params import check_budget
+    from nacd.selection.less import check_no_eval_leak
 
     if path is None:
         if not QUICKSTART.is_file():
@@ -55,6 +56,10 @@ def resolve_config(path: str | None, overrides: Sequence[str], data_dir: str | N
     if cfg.data.data_dir and not Path(cfg.data.data_dir).is_dir():
         raise ConfigError(f"{path}: 'data.data_dir': folder not found: {cfg.data.data_dir}")
     check_budget(cfg)
+    # The select_less step only receives the sections it reads (its cache key), so the check that
+    # its target examples are not the evaluation set runs here, on the whole config.
+    if "less" in cfg.evaluation.variants:
+        check_no_eval_leak(cfg)
     return cfg
 
 

@@ -23,6 +23,8 @@ def nacd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     ("budget: 0.01\ndata:\n  pool_size: 30\n", [], "selects no sample"),
     ("name: ok\n", ["--set", "distill.beta=-1"], "'distill.beta'"),
     ("name: ok\n", ["--data-dir", "/nonexistent/data"], "--data-dir: folder not found"),
+    ("selection:\n  less: {target_benchmark: arc_easy, target_split: validation}\n", [],
+     "selection.less.target_split"),
 ])
 def test_bad_config_is_one_line_and_makes_no_run_folder(tmp_path, content, override, needle):
     cfg = tmp_path / "run.yaml"
