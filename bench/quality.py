@@ -144,15 +144,15 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
     walls["project"] = once(distilled / "variant.json", lambda: project_ids(cfg, syn, distilled),
                             f"{tag}: project")
     variants: dict[str, Path | None] = {("distilled-" + name) if name else "distilled": distilled}
-    if not name:
-        for vname, fn, vdir in (("random", select_random, unit / "random"),
-                                ("less", select_less, unit / "less")):
+    wanted = set(cfg.evaluation.variants) if not name else set()
+    for vname, fn, vdir in (("random", select_random, unit / "random"), ("less", select_less, unit / "less"),
+                            ("full", lambda c, d, o: full_variant(d, o), root / "full")):
+        if vname in wanted:
             walls[vname] = once(vdir / "variant.json", lambda fn=fn, vdir=vdir: fn(cfg, dataset, vdir),
                                 f"{tag}: {vname}")
             variants[vname] = vdir
-        full = root / "full"
-        walls["full"] = once(full / "variant.json", lambda: full_variant(dataset, full), f"{tag}: full")
-        variants["full"], variants["none"] = full, None
+    if "none" in wanted:
+        variants["none"] = None
     rows = []
     for target, (vname, vdir) in product(cfg.evaluation.targets, variants.items()):
         # full and none do not depend on the budget: scored once per seed (none once) and reused.

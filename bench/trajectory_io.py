@@ -5,7 +5,7 @@ it writes ``--checkpoints`` flat float32 vectors of ``--numel`` elements three w
 them back:
 
 - ``store``: ``TrajectoryWriter`` (one Arrow IPC shard, manifest last) and ``ExpertTrajectory.read``
-  (one range request per checkpoint, per-row sha256 verified);
+  (one range request per checkpoint, per-row crc32c verified);
 - ``store.read_all``: the same store read by ``ExpertTrajectory.read_all`` (one request per shard,
   shard sha256 verified, zero-copy views);
 - ``torch.save``: ``torch.save`` of the list of tensors as one object, ``torch.load`` of all of it;
