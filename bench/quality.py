@@ -54,6 +54,7 @@ ABLATIONS: dict[str, list[str]] = {
     "P4": ["distill.prompt_len=4"], "P16": ["distill.prompt_len=16"],
     "N2": ["distill.syn_steps=2"], "N8": ["distill.syn_steps=8"],
     "M1": ["distill.expert_epochs=1"], "M4": ["distill.expert_epochs=4"],
+    "no_projection": [],
 }
 
 
@@ -64,7 +65,7 @@ class Plan:
     budgets: list[float]
     seeds: list[int]
     targets: list[str]
-    ablations: bool
+    ablations: list[str]
     out: Path
     work: Path
     data_dir: str | None
@@ -137,8 +138,9 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
                                    f"{tag}: expert {e}")
     seeds_dir = unit / "seeds"
     walls["seeds"] = once(seeds_dir / "seeds.json", lambda: select_seeds(cfg, dataset, seeds_dir), f"{tag}: seeds")
-    syn = unit / f"synthetic{('-' + name) if name else ''}"
-    distilled = unit / f"distilled{('-' + name) if name else ''}"
+    # no_projection reuses the headline run's synthetic set: it changes the evaluation, not distill
+    suffix = f"-{name}" if name and name != "no_projection" else ""
+    syn, distilled = unit / f"synthetic{suffix}", unit / f"distilled{suffix}"
     walls["distill"] = once(syn / "synthetic.json",
                             lambda: distill(cfg, dataset, seeds_dir, str(store), syn), f"{tag}: distill")
     walls["project"] = once(distilled / "variant.json", lambda: project_ids(cfg, syn, distilled),
@@ -154,6 +156,12 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
     if "none" in wanted:
         variants["none"] = None
     rows = []
+    if name == "no_projection":  # the synthetic set of the headline run, used without projection
+        out = unit / "scores" / "no_projection" / cfg.source.name
+        walls["eval:no_projection"] = once(out / "scores.json", lambda: evaluate_embeddings(cfg, syn, out),
+                                           f"{tag}: evaluate {cfg.source.name} on the embeddings")
+        return [{**r, "setting": setting, "budget": budget, "seed": seed, "variant": "distilled-no_projection",
+                 "stage_wall_s": walls} for r in json.loads((out / "scores.json").read_text())]
     for target, (vname, vdir) in product(cfg.evaluation.targets, variants.items()):
         # full and none do not depend on the budget: scored once per seed (none once) and reused.
         where = {"full": root / "scores" / "full" / f"seed-{seed}",
@@ -167,6 +175,73 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
         row["config"] = {"distill": cfg.distill.model_dump(), "experts": cfg.experts.model_dump(),
                          "finetune": cfg.evaluation.finetune.model_dump(), "scale": plan.scale}
         row["stage_wall_s"] = walls
+    return rows
+
+
+def evaluate_embeddings(cfg, synthetic_dir: Path, out_dir: Path) -> list[dict]:
+    """Ablation ``no_projection``: fine-tune the *source* model on the learnt embeddings themselves
+    (prompt vectors, and learnt instruction vectors if any, fed as ``inputs_embeds``) with the
+    same recipe as every variant, then score it. Compared with the projected text on the same
+    model, it measures what the ID projection loses."""
+    import math
+    import random
+
+    import torch
+
+    from nacd.data.variants import atomic_dir, write_json
+    from nacd.distill.synthetic import SyntheticSet
+    from nacd.evaluation.finetune import merged
+    from nacd.evaluation.run import load_target, score
+    from nacd.models import make_trainable
+
+    ft = cfg.evaluation.finetune
+    model, tokenizer = load_target(cfg.source.name)
+    syn = SyntheticSet.from_pretrained(synthetic_dir)
+    device = next(model.parameters()).device
+    torch.manual_seed(ft.seed)
+    model = make_trainable(model, ft.param_space, seed=ft.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=ft.lr, weight_decay=0.0)
+    k, p_len = syn.num_samples, syn.prompt_len
+    steps = max(1, math.ceil(ft.epochs * k / (ft.micro_batch * ft.grad_accum)))
+    rng, order, losses = random.Random(ft.seed), [], []
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(ft.grad_accum):
+            if len(order) < ft.micro_batch:
+                epoch = list(range(k))
+                rng.shuffle(epoch)
+                order.extend(epoch)
+            idx = torch.tensor(order[:ft.micro_batch])
+            del order[:ft.micro_batch]
+            ids, labels, mask = (t[idx].to(device) for t in (syn.seed_input_ids, syn.seed_labels,
+                                                            syn.seed_attention_mask))
+            seed_embeds = model.get_input_embeddings()(ids)
+            if syn.instruction_embeds is not None:
+                keep = syn.instruction_mask[idx].to(device).unsqueeze(-1)
+                seed_embeds = torch.where(keep, syn.instruction_embeds[idx].to(device, seed_embeds.dtype),
+                                          seed_embeds)
+            prompt = syn.prompt_embeds[idx].to(device, seed_embeds.dtype)
+            embeds = torch.cat([prompt, seed_embeds], dim=1)
+            full_mask = torch.cat([torch.ones(len(idx), p_len, dtype=mask.dtype, device=device), mask], dim=1)
+            full_labels = torch.cat([torch.full((len(idx), p_len), -100, device=device), labels], dim=1)
+            loss = model(inputs_embeds=embeds, attention_mask=full_mask, labels=full_labels).loss / ft.grad_accum
+            loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()) * ft.grad_accum)
+    model = merged(model.eval())
+    info = {"trained": True, "on": "embeddings", "steps": steps, "examples": k,
+            "loss_first": losses[0], "loss_last": losses[-1], **ft.model_dump(mode="json")}
+    rows = []
+    with atomic_dir(out_dir) as tmp:
+        for bench in cfg.evaluation.benchmarks:
+            result = score(model, tokenizer, bench.name, bench.split, cfg.data.data_dir, bench.shots,
+                           bench.limit, cfg.evaluation.batch_size)
+            result.pop("_questions")
+            rows.append({"target": cfg.source.name, "variant": "no_projection", **result,
+                         "seed": ft.seed, "finetune": info})
+        write_json(tmp / "scores.json", rows)
     return rows
 
 
@@ -270,7 +345,8 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     ap.add_argument("--budgets", default="0.01,0.05,0.1")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--targets", default="smollm2-135m-instruct,gemma3-270m")
-    ap.add_argument("--ablations", action="store_true", help="also run the 5 %% setting-A ablations")
+    ap.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
+                    help="also run the 5 %% setting-A ablations (all, or a comma list: beta0,no_projection)")
     ap.add_argument("--data-dir", default=None, help="folder laid out like shared/data (offline)")
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     ap.add_argument("--work", type=Path, default=None, help="stage outputs (default: <out>/work-<scale>)")
@@ -279,8 +355,16 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     a = ap.parse_args(argv)
     return Plan(scale=a.scale, settings=a.settings or sorted(SETTINGS),
                 budgets=[float(b) for b in a.budgets.split(",")], seeds=[int(s) for s in a.seeds.split(",")],
-                targets=a.targets.split(","), ablations=a.ablations, out=a.out,
+                targets=a.targets.split(","), ablations=_ablations(a.ablations), out=a.out,
                 work=a.work or a.out / f"work-{a.scale}", data_dir=a.data_dir, overrides=a.overrides)
+
+
+def _ablations(spec: str) -> list[str]:
+    names = [n for n in spec.split(",") if n]
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise SystemExit(f"quality.py: unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,10 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     for setting, budget, seed in product(plan.settings, plan.budgets, plan.seeds):
         rows += run_unit(plan, setting, budget, seed)
         _write(results, plan, rows, started)
-    if plan.ablations:
-        for (name, extra), seed in product(ABLATIONS.items(), plan.seeds):
-            rows += [r for r in run_unit(plan, "A", 0.05, seed, name, extra) if r["variant"].startswith("distilled-")]
-            _write(results, plan, rows, started)
+    for name, seed in product(plan.ablations, plan.seeds):
+        rows += [r for r in run_unit(plan, "A", 0.05, seed, name, ABLATIONS[name])
+                 if r["variant"].startswith("distilled-")]
+        _write(results, plan, rows, started)
     (plan.out / "quality.md").write_text(summarise(rows) + "\n")
     plot(rows, plan.out / "quality.png")
     print((plan.out / "quality.md").read_text())

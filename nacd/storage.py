@@ -20,6 +20,7 @@ exponential backoff, then raise :class:`StorageError` naming the operation and t
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -27,7 +28,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -239,6 +240,11 @@ def write_bytes(uri: str, data: bytes | bytearray | memoryview | pa.Buffer,
         with fs.open_output_stream(loc.path) as out:  # one PUT (multipart for large): atomic on close
             out.write(data)
     with_retries("write", uri, s3, cfg)
+
+
+def write_json(uri: str, obj: Any, cfg: StorageConfig | None = None) -> None:
+    """``obj`` as indented UTF-8 JSON through :func:`write_bytes` (atomic)."""
+    write_bytes(uri, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode(), cfg)
 
 
 def read_bytes(uri: str, cfg: StorageConfig | None = None) -> pa.Buffer:

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from nacd.data.benchmarks import BENCHMARKS, FEWSHOT_SPLIT, MCQuestion, load_benchmark, subjects
+from nacd.data.benchmarks import FEWSHOT_SPLIT, MCQuestion, load_benchmark, subjects
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,6 @@
 variant rows and atomic JSON files."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -69,5 +68,5 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """JSON through nacd.storage's atomic write: readers never see half a file."""
     from nacd import storage
 
-    storage.write_bytes(str(path), (json.dumps(obj, indent=1) + "\n").encode())
+    storage.write_json(str(path), obj)
     return Path(path)
