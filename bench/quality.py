@@ -252,8 +252,8 @@ def paired_t(diffs: list[float]) -> tuple[float, float]:
     if n < 2:
         return float("nan"), float("nan")
     mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-    if sd == 0:
-        return (math.inf if mean > 0 else -math.inf if mean < 0 else 0.0), (0.0 if mean else 1.0)
+    if sd == 0:  # every seed gave the same difference: a t-test has nothing to say
+        return (math.inf if mean > 0 else -math.inf if mean < 0 else 0.0), float("nan")
     from scipy import stats
 
     t = mean / (sd / math.sqrt(n))
@@ -294,7 +294,8 @@ def summarise(rows: list[dict]) -> str:
             for other in ("random", "less"):
                 diffs = _paired(rs, b, "distilled", other)
                 t, p = paired_t(diffs)
-                cmp += [f"{100 * statistics.fmean(diffs):+.1f}" if diffs else "-", f"{p:.3f}" if diffs else "-"]
+                p_text = "-" if not diffs else "no spread" if math.isnan(p) else f"{p:.3f}"
+                cmp += [f"{100 * statistics.fmean(diffs):+.1f}" if diffs else "-", p_text]
             lines.append(f"| {100 * b:g} % | " + " | ".join(cmp) + " |")
         lines.append("")
     return "\n".join(lines)
