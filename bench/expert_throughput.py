@@ -31,6 +31,8 @@ from nacd.experts import (load_token_rows, make_optimizer, make_plan, make_sched
                           train_expert)
 from nacd.models import load_model, make_trainable
 
+from _table import print_table  # bench/ is on sys.path when this script runs
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -126,12 +128,10 @@ def main() -> None:
                      "all_tokens_per_s": [round(x["tokens"] / x["wall_s"], 1) for x in runs]})
     by = {r["impl"]: r for r in rows}
     ratio = by["nacd.train_expert"]["tokens_per_s"] / by["hf.Trainer"]["tokens_per_s"]
-    header = f"{'impl':<18} {'device':<7} {'dtype':<9} {'steps':>5} {'tokens':>7} {'wall s':>8} {'tok/s':>8} {'ckpts':>5}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['impl']:<18} {r['device']:<7} {r['dtype']:<9} {r['steps']:>5} {r['tokens']:>7} "
-              f"{r['wall_s']:>8.2f} {r['tokens_per_s']:>8.1f} {r['checkpoints']:>5}")
+    print_table(rows, [("impl", lambda r: r["impl"]), ("device", lambda r: r["device"]),
+                       ("dtype", lambda r: r["dtype"]), ("steps", lambda r: str(r["steps"])),
+                       ("tokens", lambda r: str(r["tokens"])), ("wall s", lambda r: f"{r['wall_s']:.2f}"),
+                       ("tok/s", lambda r: f"{r['tokens_per_s']:.1f}"), ("ckpts", lambda r: str(r["checkpoints"]))])
     print(f"ratio nacd / Trainer (tokens/s): {ratio:.3f}  (target >= 0.95)")
     Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "ratio": ratio}, indent=1))
 

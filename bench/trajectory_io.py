@@ -39,6 +39,8 @@ from nacd.config import StorageConfig
 from nacd.models import ParamSpace
 from nacd.trajectories import TrajectoryWriter, open_store
 
+from _table import print_table  # bench/ is on sys.path when this script runs
+
 
 def _timed(fn: Callable[[], object], repeats: int) -> float:
     """Median wall seconds over ``repeats`` runs (the first run also warms caches)."""
@@ -143,12 +145,10 @@ def main() -> None:
             finally:
                 server.stop()
 
-    header = f"{'backend':<12} {'impl':<15} {'MiB':>8} {'write MB/s':>11} {'read MB/s':>10} {'1 ckpt ms':>10}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['backend']:<12} {r['impl']:<15} {r['bytes'] / 2**20:>8.1f} {r['write_mb_s']:>11.1f} "
-              f"{r['read_mb_s']:>10.1f} {r['one_checkpoint_ms']:>10.2f}")
+    print_table(rows, [("backend", lambda r: r["backend"]), ("impl", lambda r: r["impl"]),
+                       ("MiB", lambda r: f"{r['bytes'] / 2**20:.1f}"), ("write MB/s", lambda r: f"{r['write_mb_s']:.1f}"),
+                       ("read MB/s", lambda r: f"{r['read_mb_s']:.1f}"),
+                       ("1 ckpt ms", lambda r: f"{r['one_checkpoint_ms']:.2f}")])
     for backend in {r["backend"] for r in rows}:
         by = {r["impl"]: r for r in rows if r["backend"] == backend}
         print(f"{backend}: store read / raw read = {by['store']['read_mb_s'] / by['raw']['read_mb_s']:.2f}")
