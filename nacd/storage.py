@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import tempfile
 import time
@@ -258,20 +259,32 @@ def read_bytes(uri: str, cfg: StorageConfig | None = None) -> pa.Buffer:
 
 def read_range(uri: str, offset: int, length: int, cfg: StorageConfig | None = None,
                out: bytearray | memoryview | None = None) -> memoryview:
-    """Bytes ``[offset, offset + length)`` of an object: one ranged GET on S3, one pread locally.
+    """Bytes ``[offset, offset + length)`` of an object: one ranged GET on S3, one pread or map locally.
 
     The result is a writable buffer (``out`` when given) so callers can wrap it zero-copy,
-    e.g. ``torch.frombuffer``."""
+    e.g. ``torch.frombuffer``. Without ``out``, a local file is mapped copy-on-write instead of
+    copied: the pages come straight from the page cache, a write to the buffer changes only this
+    process's copy, and the mapping lives as long as the buffer. Objects are never rewritten in
+    place (every write is temp file + rename), so a mapping cannot see its file shrink."""
     if offset < 0 or length < 0:
         raise StorageError(f"read_range {uri}: negative offset/length ({offset}, {length})")
     fs, loc = filesystem(uri, cfg)
-    # np.empty, not bytearray: zero-filling a buffer that is overwritten at once costs a pass.
-    buf = out if out is not None else memoryview(np.empty(length, dtype=np.uint8))
-    if len(buf) < length:
-        raise StorageError(f"read_range {uri}: output buffer of {len(buf)} bytes < {length}")
-    view = memoryview(buf)[:length]
+    if out is not None and len(out) < length:
+        raise StorageError(f"read_range {uri}: output buffer of {len(out)} bytes < {length}")
+
+    def short(got: int) -> StorageError:
+        return StorageError(f"read_range {uri}: wanted {length} bytes at {offset}, got {got} "
+                            f"(object shorter than expected)")
 
     def read() -> memoryview:
+        if loc.scheme == "file" and out is None:
+            with open(loc.path, "rb") as fh:
+                available = max(0, os.fstat(fh.fileno()).st_size - offset)
+                if available < length:  # checked first: touching a mapped page past EOF is SIGBUS
+                    raise short(available)
+                return _map_private(fh.fileno(), offset, length)
+        # np.empty, not bytearray: zero-filling a buffer that is overwritten at once costs a pass.
+        view = memoryview(out if out is not None else np.empty(length, dtype=np.uint8))[:length]
         if loc.scheme == "file":
             with open(loc.path, "rb") as fh:
                 got = os.preadv(fh.fileno(), [view], offset)
@@ -280,10 +293,20 @@ def read_range(uri: str, offset: int, length: int, cfg: StorageConfig | None = N
                 f.seek(offset)
                 got = f.readinto(view)
         if got != length:
-            raise StorageError(f"read_range {uri}: wanted {length} bytes at {offset}, got {got} "
-                               f"(object shorter than expected)")
+            raise short(got)
         return view
     return with_retries("read_range", uri, read, cfg)
+
+
+def _map_private(fd: int, offset: int, length: int) -> memoryview:
+    """A copy-on-write mapping of ``length`` bytes at ``offset`` (no MAP_POPULATE: pre-faulting a
+    writable private mapping copies every page, which is the copy this avoids)."""
+    if length == 0:
+        return memoryview(np.empty(0, dtype=np.uint8))
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mapped = mmap.mmap(fd, length + offset - start, flags=mmap.MAP_PRIVATE,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    return memoryview(mapped)[offset - start:offset - start + length]
 
 
 def size(uri: str, cfg: StorageConfig | None = None) -> int:

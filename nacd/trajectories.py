@@ -355,11 +355,9 @@ class ExpertTrajectory:
 
 
 def _read(uri: str, offset: int, nbytes: int, cfg: StorageConfig | None) -> np.ndarray:
-    """``nbytes`` at ``offset``: one range request into a fresh buffer the tensor will own
-    (``np.empty``, not ``bytearray``: zero-filling first would be one more pass over the bytes)."""
-    buf = np.empty(nbytes, dtype=np.uint8)
-    sio.read_range(uri, offset, nbytes, cfg, out=memoryview(buf))
-    return buf
+    """``nbytes`` at ``offset`` as a writable array the tensor will own: one range request on S3,
+    a copy-on-write mapping of the page cache locally (no copy; see ``storage.read_range``)."""
+    return np.frombuffer(sio.read_range(uri, offset, nbytes, cfg), dtype=np.uint8)
 
 
 def _check_manifest(uri: str, manifest: Any) -> dict:

@@ -35,6 +35,24 @@ def test_local_read_past_end_and_missing_file(tmp_path):
         storage.read_bytes(str(tmp_path / "nope"))
 
 
+def test_local_range_is_a_private_mapping(tmp_path):
+    """Without ``out`` a local range is mapped copy-on-write: writes stay in this process, the
+    object's bytes do not change, and a range past the end is refused before anything is touched."""
+    uri = str(tmp_path / "blob")
+    payload = bytes(range(256)) * 64 + b"tail"
+    storage.write_bytes(uri, payload)
+    view = storage.read_range(uri, 5000, 1000)  # offset not page aligned
+    assert not view.readonly and bytes(view) == payload[5000:6000]
+    view[:4] = b"XXXX"
+    assert storage.read_bytes(uri).to_pybytes() == payload
+    assert bytes(storage.read_range(uri, 5000, 4)) == payload[5000:5004]
+    assert len(storage.read_range(uri, len(payload), 0)) == 0
+    with pytest.raises(storage.StorageError, match="wanted 5 bytes at 16386, got 2"):
+        storage.read_range(uri, len(payload) - 2, 5)
+    storage.write_bytes(uri, b"new")  # an object replaced later leaves the old mapping intact
+    assert bytes(view[4:8]) == payload[5004:5008]
+
+
 def test_bad_uri_scheme():
     with pytest.raises(storage.StorageError, match="unsupported URI scheme"):
         storage.parse_uri("gs://bucket/x")

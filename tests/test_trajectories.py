@@ -63,6 +63,10 @@ def test_round_trip_bitwise(store_root, dtype):
     assert len(everything) == 7
     for got, v in zip(everything, vectors):
         assert torch.equal(got, v if dtype == "float32" else v.to(torch.bfloat16).to(torch.float32))
+    # tensors read zero-copy are still the caller's own: changing one leaves the store as it was
+    traj.read(2).add_(1.0)
+    everything[2].add_(1.0)
+    assert torch.equal(traj.read(2), traj.read_all()[2]) and not torch.equal(traj.read(2), everything[2])
     traj.verify()
     traj.check_matches(SPACE)
 
