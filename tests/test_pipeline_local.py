@@ -81,7 +81,7 @@ def test_rerun_and_changed_distill(first_run, shared_data):
     plain, loops = executed_dirs(run_dir_of(changed))
     assert plain == {"distill", "project-ids", "report"}, plain
     targets = load_config(TINY).evaluation.targets
-    assert len(loops) == len(targets) and len({l.split("-iteration-")[0] for l in loops}) == 1
+    assert len(loops) == len(targets) and len({name.split("-iteration-")[0] for name in loops}) == 1
     # the unchanged variants' scores are the first run's, the distilled ones were recomputed
     old = {(r["target"], r["variant"]): r for r in
            json.loads((first_dir / "report" / "bundle" / "scores.json").read_text())}
