@@ -24,7 +24,7 @@ def test_arc_keeps_numeric_labels_and_odd_choice_counts(shared_data):
     assert sum(q.labels[0] == "1" for q in val) == 21  # NYSEDREGENTS items (SOURCES.md)
     assert sorted(len(q.choices) for q in val if len(q.choices) != 4) == [3, 5, 5]
     ex = mc_to_instruction(val[0])
-    assert ex.response == val[0].labels[val[0].answer]
+    assert ex.response == val[0].choices[val[0].answer].strip()  # ARC scores the choice's text
     assert all(f"{label}. " in ex.instruction for label in val[0].labels)
 
 
@@ -32,7 +32,7 @@ def test_mmlu_per_subject_counts(shared_data):
     val = load_benchmark("mmlu", "val", shared_data)
     per = {s: sum(q.subject == s for q in val) for s in subjects(val)}
     assert per["professional_law"] == 170 and per["abstract_algebra"] == 11
-    assert mc_to_instruction(val[0]).response in "ABCD"
+    assert mc_to_instruction(val[0]).response == "ABCD"[val[0].answer]  # MMLU scores the letter
 
 
 def test_bad_benchmark_split_and_folder(shared_data, tmp_path):

@@ -80,7 +80,7 @@ def _run_cfg(shared_data, **ft) -> RunConfig:
         "data": {"data_dir": str(shared_data)},
         "evaluation": {"benchmarks": [BenchmarkConfig(name="arc_easy", split="validation", limit=12).model_dump(),
                                       BenchmarkConfig(name="mmlu", split="val", limit=1).model_dump()],
-                       "finetune": FinetuneConfig(epochs=1, lr=5e-3, micro_batch=4, max_length=128, **ft).model_dump(),
+                       "finetune": FinetuneConfig(epochs=1, lr=3e-2, micro_batch=4, max_length=128, **ft).model_dump(),
                        "batch_size": 16}})
 
 

@@ -59,6 +59,13 @@ def _mmlu_question(row: Record, where: str) -> MCQuestion:
                       answer="ABCD".index(answer), subject=row.get("subject"))
 
 
+def scored_continuations(benchmark: str, q: MCQuestion) -> list[str]:
+    """What lm-evaluation-harness scores after the prompt, one per choice: ARC-Easy scores the
+    choice's text, MMLU its letter. Training data built from these questions answers the same way
+    (:func:`nacd.data.formats.mc_to_instruction`), so fine-tuning teaches what is scored."""
+    return [f" {c}" for c in q.choices] if benchmark == "arc_easy" else [f" {label}" for label in q.labels]
+
+
 def to_mc_questions(name: str, rows: list[Record], where: str = "") -> list[MCQuestion]:
     convert = _arc_question if name == "arc_easy" else _mmlu_question
     return [convert(r, where or name) for r in rows]

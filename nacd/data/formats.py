@@ -10,8 +10,9 @@ Formats (``DataSourceConfig.format``; ``auto`` picks one from the record's keys)
 - ``flan_cot``: ``question``, ``answer``, ``rationale`` (FLAN v2 CoT TSV; ``\\n`` escapes are
   real newlines). Response = rationale followed by "So the answer is <answer>.", the FLAN CoT
   target style.
-- ``arc`` / ``mmlu``: multiple-choice question -> question with lettered choices, response =
-  the answer letter (:func:`mc_to_instruction`).
+- ``arc`` / ``mmlu``: multiple-choice question -> question with labelled choices, response =
+  what the evaluation scores: the correct choice's text for ARC-Easy, its letter for MMLU
+  (:func:`mc_to_instruction`).
 
 Rendering (``DataConfig.template``):
 
@@ -37,7 +38,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from nacd.data.benchmarks import MCQuestion, to_mc_questions
+from nacd.data.benchmarks import MCQuestion, scored_continuations, to_mc_questions
 from nacd.data.sources import DataSourceError, Record
 
 FORMATS = ("alpaca", "messages", "dolly", "flan_cot", "arc", "mmlu")
@@ -45,7 +46,8 @@ TEMPLATES = ("plain", "chat")
 PLAIN_INSTRUCTION = "### Instruction:\n{instruction}\n\n"
 PLAIN_CONTEXT = "### Input:\n{context}\n\n"
 PLAIN_RESPONSE = "### Response:\n"
-MC_INSTRUCTION = "Answer the multiple-choice question with the label of the correct choice."
+MC_INSTRUCTION = {"arc_easy": "Answer the multiple-choice question with the text of the correct choice.",
+                  "mmlu": "Answer the multiple-choice question with the letter of the correct choice."}
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,13 @@ class InstructionExample:
 
 # --------------------------------------------------------------------------- adapters
 def mc_to_instruction(q: MCQuestion, source: str = "") -> InstructionExample:
-    """Question + lettered choices -> the answer's label (``A``.., or ``1``.. for some ARC items)."""
+    """Question + labelled choices -> the answer as the evaluation scores it (ARC-Easy: the choice's
+    text; MMLU: its letter), so training on these rows teaches what ARC/MMLU accuracy measures."""
+    benchmark = "mmlu" if q.subject else "arc_easy"
     lines = [q.question.strip()] + [f"{label}. {text.strip()}" for label, text in zip(q.labels, q.choices)]
-    return InstructionExample(id=q.id, source=source or (q.subject and "mmlu") or "arc_easy",
-                              instruction=f"{MC_INSTRUCTION}\n\n" + "\n".join(lines),
-                              response=q.labels[q.answer])
+    return InstructionExample(id=q.id, source=source or benchmark,
+                              instruction=f"{MC_INSTRUCTION[benchmark]}\n\n" + "\n".join(lines),
+                              response=scored_continuations(benchmark, q)[q.answer].strip())
 
 
 def _text(row: Record, key: str, where: str, required: bool = True) -> str:

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from nacd.data.benchmarks import FEWSHOT_SPLIT, MCQuestion, load_benchmark, subjects
+from nacd.data.benchmarks import FEWSHOT_SPLIT, MCQuestion, load_benchmark, scored_continuations, subjects
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,6 @@ def _question_text(benchmark: str, q: MCQuestion) -> str:
     return "\n".join(lines) + "\nAnswer:"
 
 
-def _continuations(benchmark: str, q: MCQuestion) -> list[str]:
-    return [f" {c}" for c in q.choices] if benchmark == "arc_easy" else [" A", " B", " C", " D"]
-
-
 def build_requests(benchmark: str, questions: Sequence[MCQuestion], shots: int = 0,
                    fewshot: Sequence[MCQuestion] = ()) -> list[MCRequest]:
     """The harness's prompt for each question, with the first ``shots`` exemplars of ``fewshot``
@@ -70,11 +66,11 @@ def build_requests(benchmark: str, questions: Sequence[MCQuestion], shots: int =
     out = []
     for q in questions:
         pool = [f for f in fewshot if f.subject == q.subject and f.id != q.id][:shots] if shots else []
-        examples = "".join(f"{_question_text(benchmark, f)}{_continuations(benchmark, f)[f.answer]}\n\n"
+        examples = "".join(f"{_question_text(benchmark, f)}{scored_continuations(benchmark, f)[f.answer]}\n\n"
                            for f in pool)
         prefix = mmlu_description(q.subject) if benchmark == "mmlu" else ""
         out.append(MCRequest(q.id, prefix + examples + _question_text(benchmark, q),
-                             _continuations(benchmark, q), q.answer, q.subject))
+                             scored_continuations(benchmark, q), q.answer, q.subject))
     return out
 
 
@@ -254,7 +250,7 @@ def score_lm_eval(model: torch.nn.Module, tokenizer: Any, benchmark: str, split:
         for sample in results["samples"][cfg["task"]]:
             q = subset[sample["doc_id"]]
             lls = [float(r[0]) for r in sample["filtered_resps"]]
-            lens = [len(c) for c in _continuations(benchmark, q)]
+            lens = [len(c) for c in scored_continuations(benchmark, q)]
             by_id[q.id] = {"id": q.id, "subject": q.subject, "loglikelihoods": lls,
                            "pred": max(range(len(lls)), key=lls.__getitem__),
                            "pred_norm": max(range(len(lls)), key=lambda i: lls[i] / lens[i]),
