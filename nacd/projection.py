@@ -151,6 +151,13 @@ def project_ids(cfg, synthetic_dir: str | Path, out_dir: str | Path) -> dict:
     k, p = syn.num_samples, syn.prompt_len
     prompt_ids, prompt_d = ids[: k * p].view(k, p), dists[: k * p].view(k, p)
     instr_ids, instr_d = ids[k * p:], dists[k * p:]
+    # How much of the distillation survives projection: vectors whose nearest token is not the
+    # token they started from (known for token inits; the instruction starts as the seed's tokens).
+    changed = {"prompt": None if syn.init_prompt_ids is None else int((prompt_ids != syn.init_prompt_ids).sum()),
+               "prompt_total": k * p}
+    if syn.instruction_embeds is not None:
+        changed["instruction"] = int((instr_ids != syn.seed_input_ids[syn.instruction_mask]).sum())
+        changed["instruction_total"] = int(instr_ids.numel())
     rows, offset = [], 0
     for i in range(k):
         seed_id, seed_prompt, response = _seed_texts(syn, i, tokenizer)
@@ -173,6 +180,7 @@ def project_ids(cfg, synthetic_dir: str | Path, out_dir: str | Path) -> dict:
                "distance": distance, "prompt_len": p, "vectors": int(vectors.shape[0]),
                "learnable_instruction": syn.instruction_embeds is not None,
                "nn_distance_mean": float(dists.mean()), "nn_distance_max": float(dists.max()),
+               "tokens_changed_by_distillation": changed,
                "special_tokens": {"excluded_from_search": bool(exclude_special), "special_ids": len(special),
                                   "projected_to_special": projected_special,
                                   "nearest_is_special_without_exclusion": would_be_special},

@@ -66,7 +66,8 @@ def tiny_synthetic(tmp_path_factory):
             "exclude_special_tokens": True,
             "seeds": [{"id": "arc-1", "prompt": "Question: Why?\nAnswer:", "response": " Because."},
                       {"id": "arc-2", "prompt": "Question: How?\nAnswer:", "response": " Slowly."}]}
-    syn = SyntheticSet(table[prompt_ids] + noise, seed_ids, labels, mask, torch.tensor(-2.0), meta=meta)
+    syn = SyntheticSet(table[prompt_ids] + noise, seed_ids, labels, mask, torch.tensor(-2.0), meta=meta,
+                       init_prompt_ids=prompt_ids)
     path = tmp_path_factory.mktemp("syn")
     syn.save_pretrained(path)
     return {"path": path, "words": words, "special": special, "tok": tok}
@@ -94,6 +95,8 @@ def test_project_ids_writes_the_distilled_variant(tiny_synthetic, tmp_path):
     sp = meta["special_tokens"]
     assert sp["excluded_from_search"] and sp["projected_to_special"] == 0
     assert sp["nearest_is_special_without_exclusion"] == 1
+    # only the vector that started on <|im_start|> lands on another token
+    assert meta["tokens_changed_by_distillation"] == {"prompt": 1, "prompt_total": 8}
     assert t["special"] in special_token_ids(t["tok"])
     assert json.loads((tmp_path / "v" / "data.jsonl").read_text().splitlines()[0])["id"] == "distilled-00000"
 
@@ -121,3 +124,6 @@ def test_learnable_instruction_is_projected_and_decoded(tmp_path):
     assert row["projected_instruction_ids"] == ids[0, :n_prompt].tolist()
     assert row["prompt"] == tok.decode(ids[0, :2].tolist()) + tok.decode(ids[0, :n_prompt].tolist())
     assert row["response"] == tok.decode(ids[0, n_prompt:].tolist())
+    # undistilled, every vector projects back to the token it started from
+    assert read_variant_meta(tmp_path / "v")["tokens_changed_by_distillation"] == {
+        "prompt": 0, "prompt_total": 2, "instruction": 0, "instruction_total": n_prompt}

@@ -171,7 +171,7 @@ class Distiller:
         s = self.syn
         return SyntheticSet(self.prompt.detach(), s.seed_input_ids, s.seed_labels, s.seed_attention_mask,
                             self.log_alpha.detach(), None if self.instruction is None else self.instruction.detach(),
-                            s.meta)
+                            s.meta, s.init_prompt_ids)
 
     def draw(self) -> tuple[int, int, list[torch.Tensor]]:
         """(expert index, start checkpoint, minibatch schedule) from the loop's generator."""

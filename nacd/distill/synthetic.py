@@ -72,6 +72,9 @@ class SyntheticSet:
     log_alpha: torch.Tensor  # 0-dim, learnable student learning rate alpha = exp(log_alpha)
     instruction_embeds: torch.Tensor | None = None  # K x L x d, learnable at instruction positions
     meta: dict = field(default_factory=dict)
+    # K x P int64: the token ids the prompt started from (token inits only), so the projection can
+    # say how many tokens distillation actually changed
+    init_prompt_ids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         x = self.prompt_embeds
@@ -89,6 +92,8 @@ class SyntheticSet:
         if not bool((self.seed_labels != -100).any(dim=1).all()):
             bad = int((~(self.seed_labels != -100).any(dim=1)).nonzero()[0])
             raise SyntheticSetError(f"seed sample {bad} has no response token (all labels are -100)")
+        if self.init_prompt_ids is not None and tuple(self.init_prompt_ids.shape) != (k, p):
+            raise SyntheticSetError(f"init_prompt_ids must be K x P = {k} x {p}, got {list(self.init_prompt_ids.shape)}")
         if self.instruction_embeds is not None and (
                 self.instruction_embeds.shape[:2] != self.seed_input_ids.shape
                 or self.instruction_embeds.shape[2] != x.shape[2]):
@@ -156,20 +161,22 @@ class SyntheticSet:
             allowed[list(exclude_ids)] = False
             pool = allowed.nonzero().squeeze(1)
             ids = pool[torch.randint(len(pool), (k, prompt_len), generator=g)]
-            prompt = table[ids]
         elif init == "seed_tokens":
             rows = []
             for i in range(k):
                 real = seed_input_ids[i][seed_attention_mask[i] != 0]
                 rows.append(real[torch.arange(prompt_len) % len(real)])
-            prompt = table[torch.stack(rows)]
-        else:
+            ids = torch.stack(rows)
+        if init == "gaussian":
+            ids = None
             prompt = torch.randn(k, prompt_len, d, generator=g, dtype=torch.float64).to(table.dtype) * init_std
+        else:
+            prompt = table[ids]
         instruction = table[seed_input_ids].clone() if learnable_instruction else None
         log_alpha = torch.tensor(math.log(init_alpha), dtype=table.dtype)
         return cls(prompt.clone(), seed_input_ids.clone(), seed_labels.clone(), seed_attention_mask.clone(),
                    log_alpha, instruction, dict(meta or {}, init=init, prompt_len=prompt_len,
-                                                learnable_instruction=learnable_instruction))
+                                                learnable_instruction=learnable_instruction), ids)
 
     # ------------------------------------------------------------------ persistence
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -178,6 +185,8 @@ class SyntheticSet:
                "log_alpha": self.log_alpha}
         if self.instruction_embeds is not None:
             out["instruction_embeds"] = self.instruction_embeds
+        if self.init_prompt_ids is not None:
+            out["init_prompt_ids"] = self.init_prompt_ids
         return out
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -208,7 +217,7 @@ class SyntheticSet:
         if missing:
             raise SyntheticSetError(f"{tensor_path}: missing tensors {missing}")
         return cls(t["prompt_embeds"], t["seed_input_ids"], t["seed_labels"], t["seed_attention_mask"],
-                   t["log_alpha"], t.get("instruction_embeds"), meta)
+                   t["log_alpha"], t.get("instruction_embeds"), meta, t.get("init_prompt_ids"))
 
 
 def pad_seeds(rows: Sequence[dict], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
