@@ -70,6 +70,7 @@ class Plan:
     work: Path
     data_dir: str | None
     overrides: list[str] = field(default_factory=list)
+    full_seeds: list[int] | None = None  # None: every seed
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -147,6 +148,8 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
                             f"{tag}: project")
     variants: dict[str, Path | None] = {("distilled-" + name) if name else "distilled": distilled}
     wanted = set(cfg.evaluation.variants) if not name else set()
+    if plan.full_seeds is not None and seed not in plan.full_seeds:
+        wanted.discard("full")
     for vname, fn, vdir in (("random", select_random, unit / "random"), ("less", select_less, unit / "less"),
                             ("full", lambda c, d, o: full_variant(d, o), root / "full")):
         if vname in wanted:
@@ -345,6 +348,9 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     ap.add_argument("--only-setting", action="append", choices=sorted(SETTINGS), dest="settings")
     ap.add_argument("--budgets", default="0.01,0.05,0.1")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--full-seeds", default=None,
+                    help="seeds to train the full-data variant with (default: every seed); it is the "
+                         "costliest variant and does not depend on the budget")
     ap.add_argument("--targets", default="smollm2-135m-instruct,gemma3-270m")
     ap.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
                     help="also run the 5 %% setting-A ablations (all, or a comma list: beta0,no_projection)")
@@ -357,7 +363,8 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     return Plan(scale=a.scale, settings=a.settings or sorted(SETTINGS),
                 budgets=[float(b) for b in a.budgets.split(",")], seeds=[int(s) for s in a.seeds.split(",")],
                 targets=a.targets.split(","), ablations=_ablations(a.ablations), out=a.out,
-                work=a.work or a.out / f"work-{a.scale}", data_dir=a.data_dir, overrides=a.overrides)
+                work=a.work or a.out / f"work-{a.scale}", data_dir=a.data_dir, overrides=a.overrides,
+                full_seeds=[int(s) for s in a.full_seeds.split(",")] if a.full_seeds else None)
 
 
 def _ablations(spec: str) -> list[str]:
