@@ -17,6 +17,11 @@ already there, so a killed run resumes where it stopped and a rerun only aggrega
     python bench/quality.py --scale small --data-dir ../shared/data            # CPU, reduced
     python bench/quality.py --scale full --data-dir DIR --device cuda          # one H200
     python bench/quality.py --scale small --only-setting A --budgets 0.05 --seeds 0 --ablations
+
+Measured on 2 CPU cores: ``--scale small --only-setting A --budgets 0.05 --seeds 0,1,2
+--full-seeds 0 --targets smollm2-135m-instruct`` takes 74 min (experts 2 x 4 min, then per seed
+distill 7 min, LESS 4.5 min, 2.5 min per evaluation; the full-data variant 12 min). The results
+of the latest such run are in ``bench/results/quality.md``.
 """
 from __future__ import annotations
 
@@ -54,6 +59,11 @@ ABLATIONS: dict[str, list[str]] = {
     "P4": ["distill.prompt_len=4"], "P16": ["distill.prompt_len=16"],
     "N2": ["distill.syn_steps=2"], "N8": ["distill.syn_steps=8"],
     "M1": ["distill.expert_epochs=1"], "M4": ["distill.expert_epochs=4"],
+    # an embedding learning rate large enough for vectors to reach other tokens' neighbourhoods
+    "lr_emb_1e-1": ["distill.lr_embeddings=0.1"],
+    # a student lr that lets N steps cover the expert's M segments: alpha * N = expert lr *
+    # (M * save_every) = 0.05 * 20 at small scale, instead of starting 25x short of it
+    "init_alpha_0.25": ["distill.init_alpha=0.25"],
     "no_projection": [],
 }
 
@@ -291,15 +301,16 @@ def summarise(rows: list[dict]) -> str:
                 accs = accs if v not in ("full", "none") else _dedupe_by_seed(rs, v)
                 cells.append(mean_std(accs))
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
-        lines += ["", "| budget | distilled − random | p | distilled − LESS | p |", "|---|---|---|---|---|"]
-        for b in budgets:
+        lines += ["", "Paired over seeds (same seed rows, same fine-tuning seed):", "",
+                  "| budget | variant | − random | p | − LESS | p |", "|---|---|---|---|---|---|"]
+        for b, v in product(budgets, [v for v in variants if v.startswith("distilled")]):
             cmp = []
             for other in ("random", "less"):
-                diffs = _paired(rs, b, "distilled", other)
+                diffs = _paired(rs, b, v, other)
                 t, p = paired_t(diffs)
                 p_text = "-" if not diffs else "no spread" if math.isnan(p) else f"{p:.3f}"
                 cmp += [f"{100 * statistics.fmean(diffs):+.1f}" if diffs else "-", p_text]
-            lines.append(f"| {100 * b:g} % | " + " | ".join(cmp) + " |")
+            lines.append(f"| {100 * b:g} % | {v} | " + " | ".join(cmp) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -388,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += [r for r in run_unit(plan, "A", 0.05, seed, name, ABLATIONS[name])
                  if r["variant"].startswith("distilled-")]
         _write(results, plan, rows, started)
-    (plan.out / "quality.md").write_text(summarise(rows) + "\n")
+    command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (plan.out / "quality.md").write_text(summarise(rows) + f"\nCommand: `{command}`; "
+                                         f"wall time {time.time() - started:.0f} s (stages already done are skipped).\n")
     plot(rows, plan.out / "quality.png")
     print((plan.out / "quality.md").read_text())
     print(f"[quality] wrote {results}, quality.md and quality.png in {time.time() - started:.0f} s")
