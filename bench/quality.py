@@ -276,8 +276,9 @@ def paired_t(diffs: list[float]) -> tuple[float, float]:
 def mean_std(values: list[float]) -> str:
     if not values:
         return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.1f} ± {100 * sd:.1f}"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f} (1 seed)"
+    return f"{100 * statistics.fmean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
 def summarise(rows: list[dict]) -> str:
@@ -308,7 +309,8 @@ def summarise(rows: list[dict]) -> str:
             for other in ("random", "less"):
                 diffs = _paired(rs, b, v, other)
                 t, p = paired_t(diffs)
-                p_text = "-" if not diffs else "no spread" if math.isnan(p) else f"{p:.3f}"
+                p_text = ("-" if not diffs else "1 seed" if len(diffs) < 2
+                          else "no spread" if math.isnan(p) else f"{p:.3f}")
                 cmp += [f"{100 * statistics.fmean(diffs):+.1f}" if diffs else "-", p_text]
             lines.append(f"| {100 * b:g} % | {v} | " + " | ".join(cmp) + " |")
         lines.append("")
