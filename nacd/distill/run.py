@@ -36,10 +36,11 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from nacd import storage
 from nacd.config import DistillConfig, RunConfig
 from nacd.distill.gradients import MODES, total_gradients
 from nacd.distill.losses import Student
-from nacd.distill.synthetic import (SyntheticSet, SyntheticSetError, atomic_write_json, load_tensors,
+from nacd.distill.synthetic import (SyntheticSet, SyntheticSetError, load_tensors,
                                     pad_seeds, save_tensors)
 from nacd.models import ParamSpace
 
@@ -236,7 +237,7 @@ class Distiller:
             if self.instruction is not None:
                 tensors["instruction_embeds"] = self.instruction
             save_tensors(tmp / STATE_TENSORS, tensors)
-            atomic_write_json(tmp / STATE_JSON, {
+            storage.write_json(str(tmp / STATE_JSON), {
                 "iteration": self.iteration, "history": self.history, "fingerprint": self.fingerprint,
                 "opt_embeddings": emb_meta, "opt_alpha": alpha_meta})
             if final.exists():

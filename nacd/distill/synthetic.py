@@ -25,7 +25,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -41,19 +41,10 @@ class SyntheticSetError(ValueError):
     pass
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same folder + rename: a reader sees the old file or the new one."""
-    storage.write_bytes(str(path), data)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    storage.write_json(str(path), data)
-
-
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save
 
-    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+    storage.write_bytes(str(path), save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                                   metadata=metadata))
 
 
@@ -197,7 +188,7 @@ class SyntheticSet:
                     prompt_len=self.prompt_len, hidden_size=self.hidden_size,
                     alpha=float(self.log_alpha.exp()),
                     learnable_instruction=self.instruction_embeds is not None)
-        atomic_write_json(directory / META_FILE, meta)
+        storage.write_json(str(directory / META_FILE), meta)
         return directory
 
     @classmethod

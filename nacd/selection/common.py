@@ -3,7 +3,6 @@ variant rows and atomic JSON files."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -63,10 +62,3 @@ def variant_rows(pool, indices: list[int], extra: dict[str, list] | None = None)
         rows.append(row)
     return rows
 
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """JSON through nacd.storage's atomic write: readers never see half a file."""
-    from nacd import storage
-
-    storage.write_json(str(path), obj)
-    return Path(path)

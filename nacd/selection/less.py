@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from nacd import storage
 from nacd.config import ConfigError, LessConfig, RunConfig
 from nacd.models import ParamSpace
 from nacd.selection.common import (SelectionError, budget_for, load_pool, random_subset,
-                                   variant_rows, write_json_atomic)
+                                   variant_rows)
 from nacd.selection.projection import RandomProjector
 from nacd.data.tokenization import IGNORE_INDEX, tokenize_example
 from nacd.selection.warmup import AdamState, Checkpoint, trainable_params, warmup_train
@@ -218,7 +219,7 @@ def _prepare_work(work: Path, key: str, log) -> None:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     if not stamp.is_file():
-        write_json_atomic(stamp, {"key": key})
+        storage.write_json(str(stamp), {"key": key})
 
 
 def _cached_scores(path: Path, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -301,7 +302,7 @@ def select_less(cfg: RunConfig, dataset_dir: str | Path, out_dir: str | Path, *,
     # folder that replaces out_dir in a single rename.
     with atomic_dir(out_dir) as tmp:
         write_variant(rows, tmp, meta)
-        write_json_atomic(tmp / SCORES_FILE, report)
+        storage.write_json(str(tmp / SCORES_FILE), report)
     shutil.rmtree(work, ignore_errors=True)
     return {"rows": k, "pool_size": n, "warmup_examples": n_warm, "checkpoints": len(ckpts),
             "target_examples": len(targets.examples), "warmup_s": round(t_warm, 1),

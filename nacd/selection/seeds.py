@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from nacd.config import RunConfig
-from nacd.selection.common import budget_for, load_pool, random_subset, write_json_atomic
+from nacd import storage
+from nacd.selection.common import budget_for, load_pool, random_subset
 
 SEEDS_FILE = "seeds.json"
 
@@ -24,7 +25,7 @@ def select_seeds(cfg: RunConfig, dataset_dir: str | Path, out_dir: str | Path) -
     ids = list(pool.select(indices)["id"])
     result = {"indices": indices, "ids": ids, "method": sel.method, "seed": sel.seed,
               "budget": k, "pool_size": len(pool)}
-    write_json_atomic(Path(out_dir) / SEEDS_FILE, result)
+    storage.write_json(str(Path(out_dir) / SEEDS_FILE), result)
     return {"budget": k, "pool_size": len(pool), "method": sel.method, "seed": sel.seed}
 
 
