@@ -197,13 +197,12 @@ def evaluate_embeddings(cfg, synthetic_dir: Path, out_dir: Path) -> list[dict]:
     same recipe as every variant, then score it. Compared with the projected text on the same
     model, it measures what the ID projection loses."""
     import math
-    import random
 
     import torch
 
     from nacd.data.variants import atomic_dir, write_json
     from nacd.distill.synthetic import SyntheticSet
-    from nacd.evaluation.finetune import merged
+    from nacd.evaluation.finetune import merged, seeded_batches
     from nacd.evaluation.run import load_target, score
     from nacd.models import make_trainable
 
@@ -217,17 +216,12 @@ def evaluate_embeddings(cfg, synthetic_dir: Path, out_dir: Path) -> list[dict]:
     optimizer = torch.optim.AdamW(params, lr=ft.lr, weight_decay=0.0)
     k, p_len = syn.num_samples, syn.prompt_len
     steps = max(1, math.ceil(ft.epochs * k / (ft.micro_batch * ft.grad_accum)))
-    rng, order, losses = random.Random(ft.seed), [], []
+    batches, losses = seeded_batches(k, ft.micro_batch, ft.seed), []
     model.train()
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         for _ in range(ft.grad_accum):
-            if len(order) < ft.micro_batch:
-                epoch = list(range(k))
-                rng.shuffle(epoch)
-                order.extend(epoch)
-            idx = torch.tensor(order[:ft.micro_batch])
-            del order[:ft.micro_batch]
+            idx = torch.tensor(next(batches))
             ids, labels, mask = (t[idx].to(device) for t in (syn.seed_input_ids, syn.seed_labels,
                                                             syn.seed_attention_mask))
             seed_embeds = model.get_input_embeddings()(ids)

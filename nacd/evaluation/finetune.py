@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -33,6 +33,19 @@ def tokenize_variant(rows: Sequence[dict], tokenizer: Any, max_length: int) -> t
     return out, counts
 
 
+def seeded_batches(n: int, micro_batch: int, seed: int) -> Iterator[list[int]]:
+    """Endless micro-batches of indices into ``n`` examples: each epoch in a fresh seeded order,
+    a batch that crosses an epoch boundary takes the next epoch's first indices."""
+    rng, order = random.Random(seed), []
+    while True:
+        if len(order) < micro_batch:
+            epoch = list(range(n))
+            rng.shuffle(epoch)
+            order.extend(epoch)
+        yield order[:micro_batch]
+        del order[:micro_batch]
+
+
 def finetune(model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict], cfg: FinetuneConfig) -> tuple[torch.nn.Module, dict]:
     """Train ``model`` (made trainable here) on ``rows``; returns the model and a JSON-able summary."""
     start = time.time()
@@ -44,20 +57,14 @@ def finetune(model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict], cfg: 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     per_step = cfg.micro_batch * cfg.grad_accum
     steps = max(1, math.ceil(cfg.epochs * len(data) / per_step))
-    rng = random.Random(cfg.seed)
-    order: list[int] = []
+    batches = seeded_batches(len(data), cfg.micro_batch, cfg.seed)
     losses = []
     model.train()
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
-            if len(order) < cfg.micro_batch:  # next epoch in a fresh seeded order
-                epoch = list(range(len(data)))
-                rng.shuffle(epoch)
-                order.extend(epoch)
-            batch = collate([data[i] for i in order[:cfg.micro_batch]], tokenizer.pad_token_id)
-            del order[:cfg.micro_batch]
+            batch = collate([data[i] for i in next(batches)], tokenizer.pad_token_id)
             loss = model(**batch).loss / cfg.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
