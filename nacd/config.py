@@ -124,6 +124,9 @@ class DistillConfig(Section):
     beta: float = Field(0.1, ge=0)  # neighbour regulariser weight
     distance: Literal["euclidean", "cosine"] = "euclidean"
     grad_mode: Literal["reverse", "unroll", "first_order"] = "reverse"  # first_order: approximation
+    # train the student on the vectors' nearest tokens, step the vectors with that gradient (PEZ):
+    # what is learnt is what the projection keeps (nacd.distill.gradients.total_gradients)
+    straight_through: bool = False
     optimizer: Literal["adam", "sgd"] = "adam"  # for the embeddings and for log_alpha (own lrs)
     # special/control tokens are never projected to nor pulled towards (nacd.projection)
     exclude_special_tokens: bool = True

@@ -11,8 +11,9 @@ from nacd.config import ParamSpaceConfig
 from nacd.distill.gradients import (first_order_gradients, reverse_gradients, total_gradients,
                                     unroll_gradients)
 from nacd.distill.losses import Student, neighbour_loss
-from nacd.distill.synthetic import SyntheticSet
+from nacd.distill.synthetic import SyntheticSet, SyntheticSetError
 from nacd.models import ParamSpace, build_tiny_model, make_trainable
+from nacd.projection import nearest_rows
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -178,3 +179,51 @@ def test_regulariser_is_zero_on_vocabulary_rows():
         (grad,) = torch.autograd.grad(reg, x)
         assert torch.isfinite(grad).all()
     assert float(neighbour_loss(x + 0.1, table, "euclidean")) > 0.01
+
+
+def test_straight_through_trains_on_the_nearest_tokens():
+    """The student sees the projection of the vectors: L_match and its gradient are those of the
+    projected set, applied to the continuous vectors; the regulariser stays at the vectors."""
+    student, start, target, syn, schedule = setup("tiny-llama", "lora", torch.float64, instruction=True)
+    table = student.table
+    ids, _ = nearest_rows(syn.learnable_vectors(), table)
+    projected = syn.with_learnable_vectors(table[ids])
+    assert torch.equal(projected.learnable_vectors(), table[ids])
+    for mode in ("reverse", "unroll"):
+        st = total_gradients(mode, student, start, target, syn, schedule, beta=0.0, straight_through=True)
+        on_projected = total_gradients(mode, student, start, target, projected, schedule, beta=0.0)
+        plain = total_gradients(mode, student, start, target, syn, schedule, beta=0.0)
+        assert st.l_match == pytest.approx(on_projected.l_match, rel=1e-12)
+        assert rel(st.grad_prompt, on_projected.grad_prompt) < 1e-12
+        assert rel(st.grad_instruction, on_projected.grad_instruction) < 1e-12
+        assert rel(st.grad_log_alpha, on_projected.grad_log_alpha) < 1e-12
+        assert torch.equal(st.nearest_ids, ids)
+        # gaussian vectors are far from every token: the two objectives really differ
+        assert abs(st.l_match - plain.l_match) > 1e-6 * plain.l_match
+        assert st.l_reg == pytest.approx(plain.l_reg) and st.l_reg > 0.01
+        assert on_projected.l_reg == pytest.approx(0.0, abs=1e-12)
+    # the regulariser's gradient is added at the continuous vectors, not at the tokens
+    with_beta = total_gradients("reverse", student, start, target, syn, schedule, beta=0.5, straight_through=True)
+    x = syn.prompt_embeds.detach().clone().requires_grad_(True)
+    n = syn.num_samples * syn.prompt_len
+    reg = torch.linalg.vector_norm(x.reshape(n, -1) - table[ids[:n]], dim=-1).sum() / len(ids)
+    (g_reg,) = torch.autograd.grad(0.5 * reg, x)
+    st = total_gradients("reverse", student, start, target, syn, schedule, beta=0.0, straight_through=True)
+    assert rel(with_beta.grad_prompt - st.grad_prompt, g_reg) < 1e-10
+
+
+def test_straight_through_equals_plain_on_token_vectors():
+    student, start, target, syn, schedule = setup("tiny-llama", "lora", torch.float64)
+    ids, _ = nearest_rows(syn.learnable_vectors(), student.table)
+    on_tokens = syn.with_learnable_vectors(student.table[ids])
+    st = total_gradients("reverse", student, start, target, on_tokens, schedule, beta=0.1, straight_through=True)
+    plain = total_gradients("reverse", student, start, target, on_tokens, schedule, beta=0.1)
+    assert st.l_match == plain.l_match
+    assert torch.equal(st.grad_prompt, plain.grad_prompt)
+
+
+def test_with_learnable_vectors_checks_the_count():
+    _, _, _, syn, _ = setup("tiny-llama", "lora", torch.float64, instruction=True)
+    v = syn.learnable_vectors()
+    with pytest.raises(SyntheticSetError, match="vectors"):
+        syn.with_learnable_vectors(v[:-1])

@@ -199,6 +199,25 @@ def test_large_beta_pulls_embeddings_onto_vocabulary_rows(tiny_env):
     assert torch.equal(nearest_rows(table[ids], table)[0], ids)
 
 
+def test_straight_through_moves_tokens_and_reports_them(tiny_env):
+    """Token-initialised vectors: the first iteration is the plain one (the vectors are tokens);
+    with a large step the nearest tokens change, the history counts them, and the next L_match
+    is the loss of those new tokens."""
+    from nacd.projection import nearest_rows
+
+    plain = tiny_loop(tiny_env, tiny_cfg(lr_embeddings=0.5))
+    plain.run(1, None, progress=False)
+    loop = tiny_loop(tiny_env, tiny_cfg(lr_embeddings=0.5, straight_through=True))
+    loop.run(1, None, progress=False)
+    assert loop.history[0]["l_match"] == plain.history[0]["l_match"]
+    assert loop.history[0]["prompt_tokens_changed"] == 0
+    loop.run(6, None, progress=False)
+    changed = [h["prompt_tokens_changed"] for h in loop.history]
+    assert max(changed) > 0
+    ids, _ = nearest_rows(loop.prompt.detach().reshape(-1, 32), loop.student.table, exclude_ids=loop.exclude_ids)
+    assert int((ids != loop.syn.init_prompt_ids.reshape(-1)).sum()) > 0
+
+
 # --------------------------------------------------------------------------- bad input
 def test_bad_input_is_refused_before_anything_is_written(tiny_env, tmp_path):
     env = tiny_env

@@ -47,6 +47,7 @@ from typing import Callable, Sequence
 import torch
 
 from nacd.distill.losses import Student, match_denominator, neighbour_loss
+from nacd.projection import nearest_rows
 from nacd.distill.synthetic import SyntheticSet
 
 GRAD_MODES = ("reverse", "unroll", "first_order")
@@ -62,6 +63,7 @@ class MatchGradients:
     grad_log_alpha: torch.Tensor  # 0-dim
     exact: bool  # False for the first_order approximation
     l_reg: float = 0.0
+    nearest_ids: torch.Tensor | None = None  # each learnable vector's token (set by total_gradients)
 
 
 class _Inputs:
@@ -183,20 +185,29 @@ MODES: dict[str, Callable[..., MatchGradients]] = {
 def total_gradients(mode: str, student: Student, start: torch.Tensor, target: torch.Tensor,
                     syn: SyntheticSet, schedule: Sequence[torch.Tensor], *, beta: float = 0.0,
                     distance: str = "euclidean", table: torch.Tensor | None = None,
-                    exclude_ids: Sequence[int] | None = None) -> MatchGradients:
+                    exclude_ids: Sequence[int] | None = None, straight_through: bool = False) -> MatchGradients:
     """Gradients of L = L_match + beta * L_reg, L_reg over every learnable vector.
 
-    ``table`` defaults to the student's input-embedding matrix."""
+    ``straight_through`` (PEZ, Wen et al. 2023): the student trains on the nearest token rows of
+    the learnable vectors, i.e. on exactly the text the projection will write, and L_match's
+    gradient at those rows is applied to the continuous vectors. Vectors then drift until their
+    nearest token changes, and every L_match in the history is the projected text's own loss.
+    The regulariser is always taken at the continuous vectors. ``table`` defaults to the
+    student's input-embedding matrix."""
     if mode not in MODES:
         raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {mode!r}")
-    out = MODES[mode](student, start, target, syn, schedule)
+    table = student.table if table is None else table
+    ids, _ = nearest_rows(syn.learnable_vectors().detach(), table, distance, exclude_ids=exclude_ids)
+    forward = syn.with_learnable_vectors(table[ids]) if straight_through else syn
+    out = MODES[mode](student, start, target, forward, schedule)
+    out.nearest_ids = ids
     leaves = [syn.prompt_embeds.detach().clone().requires_grad_(True)]
     mask = syn.instruction_mask
     if syn.instruction_embeds is not None:
         leaves.append(syn.instruction_embeds.detach().clone().requires_grad_(True))
     vectors = torch.cat([leaves[0].reshape(-1, leaves[0].shape[-1])] +
                         ([leaves[1][mask]] if len(leaves) > 1 else []))
-    reg = neighbour_loss(vectors, student.table if table is None else table, distance, exclude_ids=exclude_ids)
+    reg = neighbour_loss(vectors, table, distance, ids=ids)
     out.l_reg = float(reg.detach())
     if beta:
         grads = torch.autograd.grad(beta * reg, leaves)

@@ -135,11 +135,12 @@ def match_denominator(start: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 def neighbour_loss(x: torch.Tensor, table: torch.Tensor, distance: str = "euclidean", *,
                    exclude_ids: Sequence[int] | torch.Tensor | None = None,
-                   vocab_chunk: int = 16384) -> torch.Tensor:
+                   vocab_chunk: int = 16384, ids: torch.Tensor | None = None) -> torch.Tensor:
     """mean_p min_v dist(x_p, E_v) over the rows of ``x`` (n x d), differentiable in ``x``.
 
     The argmin is found chunk by chunk without a graph (``nearest_rows``); the distance to the
     winning row is then recomputed with autograd. The gradient of a min is the gradient of the
     active branch, so this is the exact gradient (ties have measure zero) with memory O(n x chunk)."""
-    ids, _ = nearest_rows(x.detach(), table, distance, exclude_ids=exclude_ids, vocab_chunk=vocab_chunk)
+    if ids is None:  # callers that already searched (total_gradients) pass the winners
+        ids, _ = nearest_rows(x.detach(), table, distance, exclude_ids=exclude_ids, vocab_chunk=vocab_chunk)
     return pairwise_distance(x, table[ids].to(x.dtype), distance).mean()

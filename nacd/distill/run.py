@@ -193,7 +193,7 @@ class Distiller:
         start, target = traj.read(t).to(dtype), traj.read(t + cfg.expert_epochs).to(dtype)
         out = total_gradients(cfg.grad_mode, self.student, start, target, self.current(), schedule,
                               beta=cfg.beta, distance=cfg.distance, table=self.student.table,
-                              exclude_ids=self.exclude_ids)
+                              exclude_ids=self.exclude_ids, straight_through=cfg.straight_through)
         _finite("L_match", out.l_match, it)
         _finite("L_reg", out.l_reg, it)
         _finite("the prompt-embedding gradient", out.grad_prompt, it)
@@ -219,10 +219,16 @@ class Distiller:
                   "grad_norm_instruction": (None if out.grad_instruction is None
                                             else float(out.grad_instruction.norm())),
                   "grad_log_alpha": float(out.grad_log_alpha), "exact": out.exact,
+                  "prompt_tokens_changed": self._prompt_tokens_changed(out.nearest_ids),
                   "seconds": time.perf_counter() - t0}
         self.history.append(record)
         self.iteration += 1
         return record
+
+    def _prompt_tokens_changed(self, nearest_ids: torch.Tensor) -> int | None:
+        """Prompt vectors whose nearest token (before this step) is not the one they started from."""
+        init = self.syn.init_prompt_ids
+        return None if init is None else int((nearest_ids[:init.numel()] != init.reshape(-1)).sum())
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, ckpt_root: Path) -> Path:
@@ -381,7 +387,8 @@ def distill(cfg: RunConfig, dataset_dir: str | Path, seeds_dir: str | Path, stor
                   "response": r.get("response")} for r in rows]
     meta = {"source_model": {"name": cfg.source.name, "revision": cfg.source.revision},
             "param_space": space.describe(), "distance": d.distance, "beta": d.beta,
-            "grad_mode": d.grad_mode, "exclude_special_tokens": d.exclude_special_tokens,
+            "grad_mode": d.grad_mode, "straight_through": d.straight_through,
+            "exclude_special_tokens": d.exclude_special_tokens,
             "seeds": seed_rows, "seeds_dir": str(seeds_dir), "dataset_dir": str(dataset_dir)}
     syn = SyntheticSet.init(student.table, ids, labels, mask, prompt_len=d.prompt_len, init=d.init,
                             init_std=d.init_std, init_alpha=d.init_alpha,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -115,6 +115,20 @@ class SyntheticSet:
         if self.instruction_embeds is not None:
             parts.append(self.instruction_embeds[self.instruction_mask])
         return torch.cat(parts)
+
+    def with_learnable_vectors(self, vectors: torch.Tensor) -> SyntheticSet:
+        """This set with its learnable vectors replaced by ``vectors`` (n x d, in the order of
+        ``learnable_vectors``), e.g. by their nearest token rows."""
+        k, p, d = self.prompt_embeds.shape
+        if vectors.shape != (len(self.learnable_vectors()), d):
+            raise SyntheticSetError(f"expected {len(self.learnable_vectors())} x {d} vectors, "
+                                    f"got {list(vectors.shape)}")
+        instruction = self.instruction_embeds
+        if instruction is not None:
+            instruction = instruction.detach().clone()
+            instruction[self.instruction_mask] = vectors[k * p:].to(instruction.dtype)
+        return replace(self, prompt_embeds=vectors[:k * p].reshape(k, p, d).to(self.prompt_embeds.dtype),
+                       instruction_embeds=instruction)
 
     def check_hidden_size(self, hidden_size: int, where: str = "model") -> None:
         if self.hidden_size != hidden_size:
