@@ -52,8 +52,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
                                         {"name": "mmlu", "split": "val"}]},
           "selection": {"less": {"target_benchmark": "mmlu"}}},
 }
-# Ablations of the headline setting (A at 5 %): dotted overrides of the distill section, plus
-# "no_projection", which trains the source model on the learnt embeddings themselves.
+# Ablations of the headline setting (A at 5 %): dotted config overrides (one that changes the
+# experts trains its own), plus "no_projection", which trains the source model on the learnt
+# embeddings themselves.
 ABLATIONS: dict[str, list[str]] = {
     "beta0": ["distill.beta=0"],
     "P4": ["distill.prompt_len=4"], "P16": ["distill.prompt_len=16"],
@@ -61,10 +62,11 @@ ABLATIONS: dict[str, list[str]] = {
     "M1": ["distill.expert_epochs=1"], "M4": ["distill.expert_epochs=4"],
     # an embedding learning rate large enough for vectors to reach other tokens' neighbourhoods
     "lr_emb_1e-1": ["distill.lr_embeddings=0.1"],
-    # a student lr that lets N steps cover the expert's M segments: alpha * N = expert lr *
-    # (M * save_every) = 0.05 * 20 at small scale, instead of starting 25x short of it
-    "init_alpha_0.25": ["distill.init_alpha=0.25"],
+    # PEZ-style: the student trains on the nearest tokens, so what is learnt survives projection
+    "straight_through_lr_1e-1": ["distill.straight_through=true", "distill.lr_embeddings=0.1"],
     "no_projection": [],
+    # the previous small-scale default: an expert checkpoint every 10 steps, alpha starting at 0.01
+    "segments_10": ["experts.save_every=10", "distill.init_alpha=0.01"],
 }
 
 
@@ -139,7 +141,9 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
     root = plan.work / setting
     unit = root / f"budget-{budget:g}" / f"seed-{seed}"
     tag = f"{setting} budget={budget:g} seed={seed}{' ' + name if name else ''}"
-    dataset, store = root / "prepared", root / "trajectories"
+    # An ablation that changes how experts train gets its own trajectories; the rest share them.
+    own_experts = any(o.startswith("experts.") for o in extra)
+    dataset, store = root / "prepared", root / (f"trajectories-{name}" if own_experts else "trajectories")
     walls: dict[str, float] = {}
     # Shared by all budgets and seeds of a setting: the pool and the expert trajectories.
     walls["prepare"] = once(dataset / "prepare.json", lambda: prepare_data(cfg, dataset), f"{tag}: prepare")
@@ -156,6 +160,7 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
                             lambda: distill(cfg, dataset, seeds_dir, str(store), syn), f"{tag}: distill")
     walls["project"] = once(distilled / "variant.json", lambda: project_ids(cfg, syn, distilled),
                             f"{tag}: project")
+    diagnostics = distill_diagnostics(syn, distilled)
     variants: dict[str, Path | None] = {("distilled-" + name) if name else "distilled": distilled}
     wanted = set(cfg.evaluation.variants) if not name else set()
     if plan.full_seeds is not None and seed not in plan.full_seeds:
@@ -174,7 +179,8 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
         walls["eval:no_projection"] = once(out / "scores.json", lambda: evaluate_embeddings(cfg, syn, out),
                                            f"{tag}: evaluate {cfg.source.name} on the embeddings")
         return [{**r, "setting": setting, "budget": budget, "seed": seed, "variant": "distilled-no_projection",
-                 "stage_wall_s": walls} for r in json.loads((out / "scores.json").read_text())]
+                 "stage_wall_s": walls, "distill_diagnostics": diagnostics}
+                for r in json.loads((out / "scores.json").read_text())]
     for target, (vname, vdir) in product(cfg.evaluation.targets, variants.items()):
         # full and none do not depend on the budget: scored once per seed (none once) and reused.
         where = {"full": root / "scores" / "full" / f"seed-{seed}",
@@ -188,7 +194,23 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
         row["config"] = {"distill": cfg.distill.model_dump(), "experts": cfg.experts.model_dump(),
                          "finetune": cfg.evaluation.finetune.model_dump(), "scale": plan.scale}
         row["stage_wall_s"] = walls
+        if row["variant"].startswith("distilled"):
+            row["distill_diagnostics"] = diagnostics
     return rows
+
+
+def distill_diagnostics(synthetic_dir: Path, distilled_dir: Path) -> dict:
+    """Did distillation learn, and did the projection keep it? L_match over the first and last 5
+    iterations (a seed draws the same experts, starts and batches in every variant, so equal seeds
+    compare like with like), the final alpha, and how many prompt tokens the projection changed."""
+    history = json.loads((synthetic_dir / "synthetic.json").read_text())["history"]
+    variant = json.loads((distilled_dir / "variant.json").read_text())
+    l_match = [h["l_match"] for h in history]
+    changed = variant.get("tokens_changed_by_distillation") or {}
+    return {"l_match_first5": statistics.fmean(l_match[:5]), "l_match_last5": statistics.fmean(l_match[-5:]),
+            "alpha_last": history[-1]["alpha"], "iterations": len(history),
+            "prompt_tokens_changed": changed.get("prompt"), "prompt_tokens": changed.get("prompt_total"),
+            "nn_distance_mean": variant["nn_distance_mean"]}
 
 
 def evaluate_embeddings(cfg, synthetic_dir: Path, out_dir: Path) -> list[dict]:
@@ -308,7 +330,27 @@ def summarise(rows: list[dict]) -> str:
                 cmp += [f"{100 * statistics.fmean(diffs):+.1f}" if diffs else "-", p_text]
             lines.append(f"| {100 * b:g} % | {v} | " + " | ".join(cmp) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + diagnostics_table(rows))
+
+
+def diagnostics_table(rows: list[dict]) -> list[str]:
+    seen: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("distill_diagnostics") and r["variant"] != "distilled-no_projection":
+            seen[(r["setting"], r["budget"], r["variant"], r["seed"])] = r["distill_diagnostics"]
+    if not seen:
+        return []
+    lines = ["## Distillation diagnostics", "",
+             "L_match is the mean over the first and the last 5 iterations; a seed draws the same experts, "
+             "start checkpoints and batches in every variant. Tokens changed: prompt vectors whose "
+             "projection is not their initial token (the part of distillation the text keeps).", "",
+             "| setting | budget | variant | seed | L_match first 5 | last 5 | alpha | tokens changed | "
+             "mean NN distance |", "|---|---|---|---|---|---|---|---|---|"]
+    for (setting, budget, variant, seed), d in sorted(seen.items()):
+        changed = "-" if d["prompt_tokens_changed"] is None else f"{d['prompt_tokens_changed']}/{d['prompt_tokens']}"
+        lines.append(f"| {setting} | {100 * budget:g} % | {variant} | {seed} | {d['l_match_first5']:.3f} | "
+                     f"{d['l_match_last5']:.3f} | {d['alpha_last']:.3g} | {changed} | {d['nn_distance_mean']:.2f} |")
+    return lines + [""]
 
 
 def _dedupe_by_seed(rs: list[dict], variant: str) -> list[float]:
