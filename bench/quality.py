@@ -121,7 +121,9 @@ def once(marker: Path, run: Callable[[], Any], label: str) -> float:
 
 
 def score_rows(scores_file: Path, context: dict) -> list[dict]:
-    return [{**context, **row} for row in json.loads(scores_file.read_text())]
+    """The unit's context wins over the scores file's own fields: a file made under another name
+    (an ablation's cached evaluation) or once for every seed (``none``) is labelled by the unit."""
+    return [{**row, **context} for row in json.loads(scores_file.read_text())]
 
 
 def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
@@ -188,8 +190,8 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
         out = where / target
         walls[f"eval:{target}:{vname}"] = once(
             out / "scores.json", lambda: evaluate(cfg, target, vname, vdir, out), f"{tag}: evaluate {target} on {vname}")
-        rows += score_rows(out / "scores.json", {"setting": setting, "budget": budget, "seed": seed,
-                                                 "variant": vname, "target": target})
+        rows += score_rows(out / "scores.json", {"setting": setting, "budget": budget, "variant": vname,
+                                                 "target": target, "seed": None if vname == "none" else seed})
     for row in rows:
         row["config"] = {"distill": cfg.distill.model_dump(), "experts": cfg.experts.model_dump(),
                          "finetune": cfg.evaluation.finetune.model_dump(), "scale": plan.scale}
