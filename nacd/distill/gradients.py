@@ -47,8 +47,8 @@ from typing import Callable, Sequence
 import torch
 
 from nacd.distill.losses import Student, match_denominator, neighbour_loss
-from nacd.projection import nearest_rows
 from nacd.distill.synthetic import SyntheticSet
+from nacd.projection import nearest_rows
 
 GRAD_MODES = ("reverse", "unroll", "first_order")
 

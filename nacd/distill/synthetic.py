@@ -120,10 +120,10 @@ class SyntheticSet:
         """This set with its learnable vectors replaced by ``vectors`` (n x d, in the order of
         ``learnable_vectors``), e.g. by their nearest token rows."""
         k, p, d = self.prompt_embeds.shape
-        if vectors.shape != (len(self.learnable_vectors()), d):
-            raise SyntheticSetError(f"expected {len(self.learnable_vectors())} x {d} vectors, "
-                                    f"got {list(vectors.shape)}")
         instruction = self.instruction_embeds
+        n = k * p + (0 if instruction is None else int(self.instruction_mask.sum()))
+        if tuple(vectors.shape) != (n, d):
+            raise SyntheticSetError(f"expected {n} x {d} vectors, got {list(vectors.shape)}")
         if instruction is not None:
             instruction = instruction.detach().clone()
             instruction[self.instruction_mask] = vectors[k * p:].to(instruction.dtype)
