@@ -183,9 +183,9 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
         out = unit / "scores" / "no_projection" / cfg.source.name
         walls["eval:no_projection"] = once(out / "scores.json", lambda: evaluate_embeddings(cfg, syn, out),
                                            f"{tag}: evaluate {cfg.source.name} on the embeddings")
-        return [{**r, "setting": setting, "budget": budget, "seed": seed, "variant": "distilled-no_projection",
-                 "stage_wall_s": walls, "distill_diagnostics": diagnostics}
-                for r in json.loads((out / "scores.json").read_text())]
+        return [{**r, "stage_wall_s": walls, "distill_diagnostics": diagnostics}
+                for r in score_rows(out / "scores.json", {"setting": setting, "budget": budget, "seed": seed,
+                                                          "variant": "distilled-no_projection"})]
     for target, (vname, vdir) in product(cfg.evaluation.targets, variants.items()):
         if vname == "full" and plan.full_targets is not None and target not in plan.full_targets:
             continue
@@ -225,8 +225,6 @@ def evaluate_embeddings(cfg, synthetic_dir: Path, out_dir: Path) -> list[dict]:
     (prompt vectors, and learnt instruction vectors if any, fed as ``inputs_embeds``) with the
     same recipe as every variant, then score it. Compared with the projected text on the same
     model, it measures what the ID projection loses."""
-    import math
-
     import torch
 
     from nacd.data.variants import atomic_dir, write_json

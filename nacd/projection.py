@@ -153,8 +153,7 @@ def project_ids(cfg, synthetic_dir: str | Path, out_dir: str | Path) -> dict:
     instr_ids, instr_d = ids[k * p:], dists[k * p:]
     # How much of the distillation survives projection: vectors whose nearest token is not the
     # token they started from (known for token inits; the instruction starts as the seed's tokens).
-    changed = {"prompt": None if syn.init_prompt_ids is None else int((prompt_ids != syn.init_prompt_ids).sum()),
-               "prompt_total": k * p}
+    changed = {"prompt": syn.prompt_tokens_changed(prompt_ids), "prompt_total": k * p}
     if syn.instruction_embeds is not None:
         changed["instruction"] = int((instr_ids != syn.seed_input_ids[syn.instruction_mask]).sum())
         changed["instruction_total"] = int(instr_ids.numel())

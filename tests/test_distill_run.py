@@ -201,8 +201,7 @@ def test_large_beta_pulls_embeddings_onto_vocabulary_rows(tiny_env):
 
 def test_straight_through_moves_tokens_and_reports_them(tiny_env):
     """Token-initialised vectors: the first iteration is the plain one (the vectors are tokens);
-    with a large step the nearest tokens change, the history counts them, and the next L_match
-    is the loss of those new tokens."""
+    with a large step the nearest tokens change and the history counts them."""
     from nacd.projection import nearest_rows
 
     plain = tiny_loop(tiny_env, tiny_cfg(lr_embeddings=0.5))

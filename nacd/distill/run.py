@@ -219,16 +219,11 @@ class Distiller:
                   "grad_norm_instruction": (None if out.grad_instruction is None
                                             else float(out.grad_instruction.norm())),
                   "grad_log_alpha": float(out.grad_log_alpha), "exact": out.exact,
-                  "prompt_tokens_changed": self._prompt_tokens_changed(out.nearest_ids),
+                  "prompt_tokens_changed": self.syn.prompt_tokens_changed(out.nearest_ids),
                   "seconds": time.perf_counter() - t0}
         self.history.append(record)
         self.iteration += 1
         return record
-
-    def _prompt_tokens_changed(self, nearest_ids: torch.Tensor) -> int | None:
-        """Prompt vectors whose nearest token (before this step) is not the one they started from."""
-        init = self.syn.init_prompt_ids
-        return None if init is None else int((nearest_ids[:init.numel()] != init.reshape(-1)).sum())
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, ckpt_root: Path) -> Path:

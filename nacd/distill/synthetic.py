@@ -130,6 +130,12 @@ class SyntheticSet:
         return replace(self, prompt_embeds=vectors[:k * p].reshape(k, p, d).to(self.prompt_embeds.dtype),
                        instruction_embeds=instruction)
 
+    def prompt_tokens_changed(self, prompt_ids: torch.Tensor) -> int | None:
+        """How many of ``prompt_ids`` (K*P nearest tokens of the prompt vectors, any shape) differ
+        from the tokens the prompt started from; None when it did not start from tokens."""
+        init = self.init_prompt_ids
+        return None if init is None else int((prompt_ids.reshape(-1)[:init.numel()] != init.reshape(-1)).sum())
+
     def check_hidden_size(self, hidden_size: int, where: str = "model") -> None:
         if self.hidden_size != hidden_size:
             raise SyntheticSetError(f"synthetic set has hidden size {self.hidden_size} but the {where} "

@@ -1,5 +1,5 @@
 """Shared pieces of the selection stages: reading the tokenised pool, the budget, seeded subsets,
-variant rows and atomic JSON files."""
+and variant rows."""
 from __future__ import annotations
 
 from pathlib import Path

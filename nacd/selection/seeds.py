@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nacd.config import RunConfig
 from nacd import storage
+from nacd.config import RunConfig
 from nacd.selection.common import budget_for, load_pool, random_subset
 
 SEEDS_FILE = "seeds.json"
