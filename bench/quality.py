@@ -12,7 +12,9 @@ recipe, scores the benchmarks, and writes
     <out>/quality.png    accuracy against budget per variant
 
 Every unit of work lands in ``<work>/...`` through the stages' atomic writers and is skipped when
-already there, so a killed run resumes where it stopped and a rerun only aggregates.
+already there, so a killed run resumes where it stopped and a rerun only aggregates. Each stage's
+config is recorded under ``<work>/.stage-configs/``; a finished stage made under another config
+stops the run with the keys that differ, so a stale folder never mixes into the results.
 
     python bench/quality.py --scale small --data-dir ../shared/data            # CPU, reduced
     python bench/quality.py --scale full --data-dir DIR --device cuda          # one H200
@@ -28,8 +30,10 @@ command; stages done by earlier commands in the same ``--work`` folder are reuse
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -66,6 +70,10 @@ ABLATIONS: dict[str, list[str]] = {
     "lr_emb_1e-1": ["distill.lr_embeddings=0.1"],
     # PEZ-style: the student trains on the nearest tokens, so what is learnt survives projection
     "straight_through_lr_1e-1": ["distill.straight_through=true", "distill.lr_embeddings=0.1"],
+    # a strong pull to the current token acts as hysteresis: a token changes only where the match
+    # gradient keeps asking for it (beta 0.1 over 160 vectors is ~1 % of the match gradient)
+    "straight_through_beta10": ["distill.straight_through=true", "distill.lr_embeddings=0.1", "distill.beta=10"],
+    "straight_through_beta1": ["distill.straight_through=true", "distill.lr_embeddings=0.1", "distill.beta=1"],
     "no_projection": [],
     # the previous small-scale default: an expert checkpoint every 10 steps, alpha starting at 0.01
     "segments_10": ["experts.save_every=10", "distill.init_alpha=0.01"],
@@ -86,6 +94,7 @@ class Plan:
     overrides: list[str] = field(default_factory=list)
     full_seeds: list[int] | None = None  # None: every seed
     full_targets: list[str] | None = None  # None: every target
+    adopt_unrecorded: bool = False  # reuse stages that predate config records (see once)
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -113,14 +122,84 @@ def setting_config(plan: Plan, setting: str, budget: float, seed: int, extra: li
     return RunConfig.model_validate(data)
 
 
-def once(marker: Path, run: Callable[[], Any], label: str) -> float:
-    """Run a stage unless its completion marker exists; return its wall time (0 when skipped)."""
+class StaleWork(SystemExit):
+    """A ``--work`` folder holds a stage made with another config than this run's."""
+
+
+def stage_key(cfg, *paths: str, **extra: Any) -> dict:
+    """What a stage's output depends on: the named dotted parts of the config, plus extras.
+    ``data.data_dir`` is left out: the same files sit in other folders on other machines."""
+    dump = cfg.model_dump(mode="json")
+    dump["data"].pop("data_dir", None)
+    key: dict[str, Any] = {}
+    for path in paths:
+        node: Any = dump
+        for part in path.split("."):
+            node = node[part]
+        key[path] = node
+    return json.loads(json.dumps({**key, **extra}))
+
+
+def key_differences(recorded: Any, wanted: Any, where: str = "") -> list[str]:
+    """Dotted names of the leaves that differ between two stage keys."""
+    if isinstance(recorded, dict) and isinstance(wanted, dict):
+        return [d for k in sorted(set(recorded) | set(wanted))
+                for d in key_differences(recorded.get(k), wanted.get(k), f"{where}.{k}" if where else k)]
+    return [] if recorded == wanted else [f"{where or '<root>'}: {recorded!r} -> {wanted!r}"]
+
+
+def once(plan: Plan, marker: Path, run: Callable[[], Any], label: str, key: dict) -> float:
+    """Run a stage unless its completion marker exists; return its wall time (0 when skipped).
+
+    The stage's config ``key`` is recorded under ``<work>/.stage-configs/`` before it runs, and a
+    finished stage is reused only when its record equals this run's key: a folder made under
+    another config is an error, never a silent mix of results."""
+    record = plan.work / ".stage-configs" / marker.relative_to(plan.work).with_name(marker.name + ".key.json")
+    recorded = json.loads(record.read_text()) if record.exists() else None
     if marker.exists():
+        if recorded is None and not plan.adopt_unrecorded:
+            raise StaleWork(f"quality.py: {marker.parent} has no config record (made before records "
+                            f"existed?): delete it, or pass --adopt-unrecorded if it was made with this config")
+        if recorded is not None and recorded != key:
+            raise StaleWork(f"quality.py: {marker.parent} was made with another config; "
+                            + "; ".join(key_differences(recorded, key))
+                            + ". Delete it or use another --work folder.")
+        if recorded is None:
+            _write_record(record, key)
         return 0.0
+    _write_record(record, key)  # before the run: a stage killed midway is redone under this key
     print(f"[quality] {label}", flush=True)
     start = time.time()
     run()
     return time.time() - start
+
+
+def _write_record(record: Path, key: dict) -> None:
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(key, indent=1, sort_keys=True))
+    tmp.replace(record)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def reuse_twin(plan: Plan, scores_root: Path, out: Path, key: dict) -> bool:
+    """Copy the scores of a sibling evaluation recorded under the same key (the same text, recipe,
+    benchmarks and target: the evaluation is a deterministic function of them) into ``out``."""
+    records = plan.work / ".stage-configs" / scores_root.relative_to(plan.work)
+    for record in sorted(records.glob("*/*/scores.json.key.json")):
+        twin = scores_root / record.relative_to(records).parent / "scores.json"
+        if twin.parent != out and twin.exists() and json.loads(record.read_text()) == key:
+            from nacd.data.variants import atomic_dir, write_json
+
+            print(f"[quality]   same text as {twin.parent}: its evaluation is reused", flush=True)
+            with atomic_dir(out) as tmp:
+                shutil.copytree(twin.parent, tmp, dirs_exist_ok=True)
+                write_json(tmp / "reused-from.json", {"scores": str(twin.parent.relative_to(plan.work))})
+            return True
+    return False
 
 
 def score_rows(scores_file: Path, context: dict) -> list[dict]:
@@ -150,39 +229,52 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
     own_experts = any(o.startswith("experts.") for o in extra)
     dataset, store = root / "prepared", root / (f"trajectories-{name}" if own_experts else "trajectories")
     walls: dict[str, float] = {}
+    # What each stage's output depends on (see once): a stage is reused only under the same key.
+    prepared_key = stage_key(cfg, "data", "source.name", "source.revision")
+    experts_key = {**prepared_key, **stage_key(cfg, "source", "experts")}
+    seeds_key = {**prepared_key, **stage_key(cfg, "budget", "seed_selection")}
+    distill_key = {**experts_key, **seeds_key, **stage_key(cfg, "distill")}
+    variant_keys = {"random": {**prepared_key, **stage_key(cfg, "budget", "selection.seed")},
+                    "less": {**prepared_key, **stage_key(cfg, "budget", "source", "selection")},
+                    "full": prepared_key}
+    eval_key = stage_key(cfg, "evaluation.finetune", "evaluation.benchmarks", "evaluation.batch_size")
     # Shared by all budgets and seeds of a setting: the pool and the expert trajectories.
-    walls["prepare"] = once(dataset / "prepare.json", lambda: prepare_data(cfg, dataset), f"{tag}: prepare")
+    walls["prepare"] = once(plan, dataset / "prepare.json", lambda: prepare_data(cfg, dataset),
+                            f"{tag}: prepare", prepared_key)
     for e in range(cfg.experts.num_experts):
         manifest = store / "experts" / f"expert-{e:03d}" / "manifest.json"
-        walls[f"expert{e}"] = once(manifest, lambda e=e: train_expert(cfg, dataset, str(store), e),
-                                   f"{tag}: expert {e}")
+        walls[f"expert{e}"] = once(plan, manifest, lambda e=e: train_expert(cfg, dataset, str(store), e),
+                                   f"{tag}: expert {e}", {**experts_key, "expert": e})
     seeds_dir = unit / "seeds"
-    walls["seeds"] = once(seeds_dir / "seeds.json", lambda: select_seeds(cfg, dataset, seeds_dir), f"{tag}: seeds")
+    walls["seeds"] = once(plan, seeds_dir / "seeds.json", lambda: select_seeds(cfg, dataset, seeds_dir),
+                          f"{tag}: seeds", seeds_key)
     # no_projection reuses the headline run's synthetic set: it changes the evaluation, not distill
     suffix = f"-{name}" if name and name != "no_projection" else ""
     syn, distilled = unit / f"synthetic{suffix}", unit / f"distilled{suffix}"
-    walls["distill"] = once(syn / "synthetic.json",
-                            lambda: distill(cfg, dataset, seeds_dir, str(store), syn), f"{tag}: distill")
-    walls["project"] = once(distilled / "variant.json", lambda: project_ids(cfg, syn, distilled),
-                            f"{tag}: project")
+    walls["distill"] = once(plan, syn / "synthetic.json", lambda: distill(cfg, dataset, seeds_dir, str(store), syn),
+                            f"{tag}: distill", distill_key)
+    walls["project"] = once(plan, distilled / "variant.json", lambda: project_ids(cfg, syn, distilled),
+                            f"{tag}: project", distill_key)
     diagnostics = distill_diagnostics(syn, distilled)
     variants: dict[str, Path | None] = {("distilled-" + name) if name else "distilled": distilled}
+    variant_keys[next(iter(variants))] = distill_key
     wanted = set(cfg.evaluation.variants) if not name else set()
     if plan.full_seeds is not None and seed not in plan.full_seeds:
         wanted.discard("full")
     for vname, fn, vdir in (("random", select_random, unit / "random"), ("less", select_less, unit / "less"),
                             ("full", lambda c, d, o: full_variant(d, o), root / "full")):
         if vname in wanted:
-            walls[vname] = once(vdir / "variant.json", lambda fn=fn, vdir=vdir: fn(cfg, dataset, vdir),
-                                f"{tag}: {vname}")
+            walls[vname] = once(plan, vdir / "variant.json", lambda fn=fn, vdir=vdir: fn(cfg, dataset, vdir),
+                                f"{tag}: {vname}", variant_keys[vname])
             variants[vname] = vdir
     if "none" in wanted:
         variants["none"] = None
     rows = []
     if name == "no_projection":  # the synthetic set of the headline run, used without projection
         out = unit / "scores" / "no_projection" / cfg.source.name
-        walls["eval:no_projection"] = once(out / "scores.json", lambda: evaluate_embeddings(cfg, syn, out),
-                                           f"{tag}: evaluate {cfg.source.name} on the embeddings")
+        walls["eval:no_projection"] = once(plan, out / "scores.json", lambda: evaluate_embeddings(cfg, syn, out),
+                                           f"{tag}: evaluate {cfg.source.name} on the embeddings",
+                                           {**distill_key, **eval_key, "target": cfg.source.name})
         return [{**r, "stage_wall_s": walls, "distill_diagnostics": diagnostics}
                 for r in score_rows(out / "scores.json", {"setting": setting, "budget": budget, "seed": seed,
                                                           "variant": "distilled-no_projection"})]
@@ -193,8 +285,16 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
         where = {"full": root / "scores" / "full" / f"seed-{seed}",
                  "none": root / "scores" / "none"}.get(vname, unit / "scores" / vname)
         out = where / target
+        # none is not fine-tuned: only the benchmarks and the target matter. A distilled text is
+        # keyed by its bytes: two distillations that project to the same text share one score.
+        key = ({**stage_key(cfg, "evaluation.benchmarks", "evaluation.batch_size"), "target": target}
+               if vname == "none" else
+               {**eval_key, "target": target, "text_sha256": file_sha256(vdir / "data.jsonl")}
+               if vname.startswith("distilled") else {**variant_keys[vname], **eval_key, "target": target})
         walls[f"eval:{target}:{vname}"] = once(
-            out / "scores.json", lambda: evaluate(cfg, target, vname, vdir, out), f"{tag}: evaluate {target} on {vname}")
+            plan, out / "scores.json",
+            lambda: reuse_twin(plan, unit / "scores", out, key) or evaluate(cfg, target, vname, vdir, out),
+            f"{tag}: evaluate {target} on {vname}", key)
         rows += score_rows(out / "scores.json", {"setting": setting, "budget": budget, "variant": vname,
                                                  "target": target, "seed": None if vname == "none" else seed})
     for row in rows:
@@ -413,6 +513,9 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     ap.add_argument("--data-dir", default=None, help="folder laid out like shared/data (offline)")
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     ap.add_argument("--work", type=Path, default=None, help="stage outputs (default: <out>/work-<scale>)")
+    ap.add_argument("--adopt-unrecorded", action="store_true",
+                    help="reuse finished stages that have no config record (made before records existed) "
+                         "and record this run's config for them; only for a --work folder you know matches")
     ap.add_argument("--set", action="append", default=[], dest="overrides",
                     help="config override applied to every unit, e.g. evaluation.benchmarks.0.limit=100")
     a = ap.parse_args(argv)
@@ -421,7 +524,8 @@ def parse_args(argv: list[str] | None = None) -> Plan:
                 targets=a.targets.split(","), ablations=_ablations(a.ablations), out=a.out,
                 work=a.work or a.out / f"work-{a.scale}", data_dir=a.data_dir, overrides=a.overrides,
                 full_seeds=[int(s) for s in a.full_seeds.split(",")] if a.full_seeds else None,
-                full_targets=a.full_targets.split(",") if a.full_targets else None)
+                full_targets=a.full_targets.split(",") if a.full_targets else None,
+                adopt_unrecorded=a.adopt_unrecorded)
 
 
 def _ablations(spec: str) -> list[str]:

@@ -1,0 +1,133 @@
+"""bench/quality.py's own logic: stage reuse under config records, row labels, the paired test."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from nacd.config import RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def _plan(quality, work: Path, adopt: bool = False):
+    return quality.Plan(scale="small", settings=["A"], budgets=[0.05], seeds=[0], targets=["t"], ablations=[],
+                        out=work, work=work, data_dir=None, adopt_unrecorded=adopt)
+
+
+def _stage(marker: Path, calls: list[int]):
+    def run():
+        calls.append(1)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("{}")
+    return run
+
+
+def test_once_reuses_only_under_the_recorded_key(quality, tmp_path):
+    plan, marker, calls = _plan(quality, tmp_path), tmp_path / "A" / "stage" / "done.json", []
+    quality.once(plan, marker, _stage(marker, calls), "stage", {"distill": {"beta": 0.1}})
+    assert calls == [1]
+    assert quality.once(plan, marker, _stage(marker, calls), "stage", {"distill": {"beta": 0.1}}) == 0.0
+    assert calls == [1]  # reused
+    with pytest.raises(quality.StaleWork, match=r"distill\.beta: 0\.1 -> 10"):
+        quality.once(plan, marker, _stage(marker, calls), "stage", {"distill": {"beta": 10}})
+    assert calls == [1]  # a mismatch never reruns over the old output either
+
+
+def test_once_refuses_unrecorded_output_unless_adopted(quality, tmp_path):
+    marker, calls = tmp_path / "A" / "old" / "done.json", []
+    _stage(marker, calls)()  # a stage from before records existed
+    with pytest.raises(quality.StaleWork, match="no config record"):
+        quality.once(_plan(quality, tmp_path), marker, _stage(marker, calls), "old", {"k": 1})
+    assert quality.once(_plan(quality, tmp_path, adopt=True), marker, _stage(marker, calls), "old", {"k": 1}) == 0.0
+    assert calls == [1]
+    # adopted: recorded now, so a later run without the flag reuses it and a changed key is refused
+    quality.once(_plan(quality, tmp_path), marker, _stage(marker, calls), "old", {"k": 1})
+    with pytest.raises(quality.StaleWork):
+        quality.once(_plan(quality, tmp_path), marker, _stage(marker, calls), "old", {"k": 2})
+
+
+def test_once_redoes_a_killed_stage_under_the_new_key(quality, tmp_path):
+    plan, marker = _plan(quality, tmp_path), tmp_path / "A" / "stage" / "done.json"
+
+    def killed():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quality.once(plan, marker, killed, "stage", {"k": 1})
+    calls: list[int] = []
+    quality.once(plan, marker, _stage(marker, calls), "stage", {"k": 2})  # no marker: not stale, just redone
+    assert calls == [1]
+    record = tmp_path / ".stage-configs" / "A" / "stage" / "done.json.key.json"
+    assert json.loads(record.read_text()) == {"k": 2}
+
+
+def test_stage_key_picks_dotted_parts_and_ignores_the_data_folder(quality):
+    a = RunConfig.model_validate({"data": {"data_dir": "/here"}, "distill": {"beta": 0.5}})
+    b = RunConfig.model_validate({"data": {"data_dir": "/there"}, "distill": {"beta": 0.5}})
+    key = quality.stage_key(a, "data", "distill.beta", "budget", expert=1)
+    assert key == quality.stage_key(b, "data", "distill.beta", "budget", expert=1)
+    assert key["distill.beta"] == 0.5 and key["budget"] == 0.05 and key["expert"] == 1
+    assert "data_dir" not in key["data"]
+    c = RunConfig.model_validate({"data": {"max_length": 64}})
+    assert quality.key_differences(key["data"], quality.stage_key(c, "data")["data"]) == ["max_length: 256 -> 64"]
+
+
+def test_score_rows_are_labelled_by_the_unit(quality, tmp_path):
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps([{"variant": "distilled", "seed": 0, "acc": 0.5, "benchmark": "arc_easy"}]))
+    (row,) = quality.score_rows(scores, {"variant": "distilled-beta0", "seed": 2})
+    assert row == {"variant": "distilled-beta0", "seed": 2, "acc": 0.5, "benchmark": "arc_easy"}
+
+
+def test_paired_t_matches_scipy(quality):
+    from scipy import stats
+
+    a, b = [0.535, 0.522, 0.546, 0.51], [0.523, 0.525, 0.539, 0.5]
+    t, p = quality.paired_t([x - y for x, y in zip(a, b)])
+    ref = stats.ttest_rel(a, b)
+    assert t == pytest.approx(ref.statistic, rel=1e-9) and p == pytest.approx(ref.pvalue, rel=1e-9)
+    assert math.isnan(quality.paired_t([0.01])[1])
+    assert quality.paired_t([0.01, 0.01]) == (math.inf, pytest.approx(math.nan, nan_ok=True))
+
+
+def test_summary_pairs_seeds(quality):
+    rows = [{"setting": "A", "target": "t", "benchmark": "arc_easy", "budget": 0.05, "variant": v, "seed": s,
+             "acc": acc} for v, accs in (("distilled", [0.60, 0.50, 0.55]), ("random", [0.50, 0.50, 0.50]),
+                                         ("less", [0.55, 0.45, 0.60]))
+            for s, acc in enumerate(accs)]
+    md = quality.summarise(rows)
+    assert "| distilled | 55.0 ± 5.0 |" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| 5 % | distilled |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2] == "+5.0" and cells[4] == "+1.7"
+    t = math.sqrt(3)  # diffs 10, 0, 5: mean 5, sd 5; with 2 dof the two-sided p is 1 - t / sqrt(2 + t^2)
+    assert float(cells[3]) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-3)
+
+
+def test_an_identical_text_reuses_its_twins_evaluation(quality, tmp_path):
+    plan, scores_root = _plan(quality, tmp_path), tmp_path / "A" / "seed-0" / "scores"
+    key = {"target": "t", "text_sha256": "ab" * 32}
+    first = scores_root / "distilled" / "t"
+    quality.once(plan, first / "scores.json", _stage(first / "scores.json", []), "eval", key)
+    (first / "adapter").mkdir()
+    (first / "adapter" / "weights").write_text("w")
+    second = scores_root / "distilled-beta0" / "t"
+    assert not quality.reuse_twin(plan, scores_root, second, {**key, "text_sha256": "cd" * 32})
+    assert not second.exists()
+    quality.once(plan, second / "scores.json", lambda: quality.reuse_twin(plan, scores_root, second, key), "eval", key)
+    assert (second / "scores.json").read_text() == "{}" and (second / "adapter" / "weights").read_text() == "w"
+    assert json.loads((second / "reused-from.json").read_text()) == {"scores": "A/seed-0/scores/distilled/t"}
