@@ -237,7 +237,9 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
     variant_keys = {"random": {**prepared_key, **stage_key(cfg, "budget", "selection.seed")},
                     "less": {**prepared_key, **stage_key(cfg, "budget", "source", "selection")},
                     "full": prepared_key}
-    eval_key = stage_key(cfg, "evaluation.finetune", "evaluation.benchmarks", "evaluation.batch_size")
+    def eval_key(target: str) -> dict:  # the recipe this target is fine-tuned with, the benchmarks
+        return {**stage_key(cfg, "evaluation.benchmarks", "evaluation.batch_size"), "target": target,
+                "evaluation.finetune": cfg.evaluation.finetune_for(target).model_dump(mode="json")}
     # Shared by all budgets and seeds of a setting: the pool and the expert trajectories.
     walls["prepare"] = once(plan, dataset / "prepare.json", lambda: prepare_data(cfg, dataset),
                             f"{tag}: prepare", prepared_key)
@@ -274,7 +276,7 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
         out = unit / "scores" / "no_projection" / cfg.source.name
         walls["eval:no_projection"] = once(plan, out / "scores.json", lambda: evaluate_embeddings(cfg, syn, out),
                                            f"{tag}: evaluate {cfg.source.name} on the embeddings",
-                                           {**distill_key, **eval_key, "target": cfg.source.name})
+                                           {**distill_key, **eval_key(cfg.source.name)})
         return [{**r, "stage_wall_s": walls, "distill_diagnostics": diagnostics}
                 for r in score_rows(out / "scores.json", {"setting": setting, "budget": budget, "seed": seed,
                                                           "variant": "distilled-no_projection"})]
@@ -289,8 +291,8 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
         # keyed by its bytes: two distillations that project to the same text share one score.
         key = ({**stage_key(cfg, "evaluation.benchmarks", "evaluation.batch_size"), "target": target}
                if vname == "none" else
-               {**eval_key, "target": target, "text_sha256": file_sha256(vdir / "data.jsonl")}
-               if vname.startswith("distilled") else {**variant_keys[vname], **eval_key, "target": target})
+               {**eval_key(target), "text_sha256": file_sha256(vdir / "data.jsonl")}
+               if vname.startswith("distilled") else {**variant_keys[vname], **eval_key(target)})
         walls[f"eval:{target}:{vname}"] = once(
             plan, out / "scores.json",
             lambda: reuse_twin(plan, unit / "scores", out, key) or evaluate(cfg, target, vname, vdir, out),
@@ -299,7 +301,7 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
                                                  "target": target, "seed": None if vname == "none" else seed})
     for row in rows:
         row["config"] = {"distill": cfg.distill.model_dump(), "experts": cfg.experts.model_dump(),
-                         "finetune": cfg.evaluation.finetune.model_dump(), "scale": plan.scale}
+                         "finetune": cfg.evaluation.finetune_for(row["target"]).model_dump(), "scale": plan.scale}
         row["stage_wall_s"] = walls
         if row["variant"].startswith("distilled"):
             row["distill_diagnostics"] = diagnostics
@@ -317,6 +319,8 @@ def distill_diagnostics(synthetic_dir: Path, distilled_dir: Path) -> dict:
     return {"l_match_first5": statistics.fmean(l_match[:5]), "l_match_last5": statistics.fmean(l_match[-5:]),
             "alpha_last": history[-1]["alpha"], "iterations": len(history),
             "prompt_tokens_changed": changed.get("prompt"), "prompt_tokens": changed.get("prompt_total"),
+            "instruction_tokens_changed": changed.get("instruction"),
+            "instruction_tokens": changed.get("instruction_total"),
             "nn_distance_mean": variant["nn_distance_mean"]}
 
 
@@ -333,7 +337,7 @@ def evaluate_embeddings(cfg, synthetic_dir: Path, out_dir: Path) -> list[dict]:
     from nacd.evaluation.run import load_target, score
     from nacd.models import make_trainable
 
-    ft = cfg.evaluation.finetune
+    ft = cfg.evaluation.finetune_for(cfg.source.name)
     model, tokenizer = load_target(cfg.source.name)
     syn = SyntheticSet.from_pretrained(synthetic_dir)
     device = next(model.parameters()).device
@@ -447,12 +451,15 @@ def diagnostics_table(rows: list[dict]) -> list[str]:
         return []
     lines = ["## Distillation diagnostics", "",
              "L_match is the mean over the first and the last 5 iterations; a seed draws the same experts, "
-             "start checkpoints and batches in every variant. Tokens changed: prompt vectors whose "
-             "projection is not their initial token (the part of distillation the text keeps).", "",
+             "start checkpoints and batches in every variant. Tokens changed: prompt (and, with "
+             "learnable instructions, instruction) vectors whose projection is not their initial "
+             "token (the part of distillation the text keeps).", "",
              "| setting | budget | variant | seed | L_match first 5 | last 5 | alpha | tokens changed | "
              "mean NN distance |", "|---|---|---|---|---|---|---|---|---|"]
     for (setting, budget, variant, seed), d in sorted(seen.items()):
         changed = "-" if d["prompt_tokens_changed"] is None else f"{d['prompt_tokens_changed']}/{d['prompt_tokens']}"
+        if d.get("instruction_tokens_changed") is not None:
+            changed += f" + {d['instruction_tokens_changed']}/{d['instruction_tokens']} instruction"
         lines.append(f"| {setting} | {100 * budget:g} % | {variant} | {seed} | {d['l_match_first5']:.3f} | "
                      f"{d['l_match_last5']:.3f} | {d['alpha_last']:.3g} | {changed} | {d['nn_distance_mean']:.2f} |")
     return lines + [""]

@@ -199,7 +199,26 @@ class EvaluationConfig(Section):
         default_factory=lambda: ["distilled", "random", "less", "none"])
     benchmarks: list[BenchmarkConfig] = Field(default_factory=lambda: [BenchmarkConfig()])
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    # Changes to the recipe for one target, e.g. {gemma3-270m: {lr: 2.0e-4}}: a learning rate
+    # tuned on one model can wreck another. Every variant of a target still gets the same recipe.
+    finetune_per_target: dict[str, dict[str, Any]] = Field(default_factory=dict)
     batch_size: int = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _per_target_recipes_valid(self) -> EvaluationConfig:
+        for target in self.finetune_per_target:
+            self.finetune_for(target)
+        return self
+
+    def finetune_for(self, target: str) -> FinetuneConfig:
+        """The recipe ``target`` is fine-tuned with: ``finetune`` with the target's changes."""
+        changes = self.finetune_per_target.get(target)
+        if not changes:
+            return self.finetune
+        try:
+            return FinetuneConfig.model_validate(_merged(self.finetune.model_dump(), changes))
+        except ValidationError as e:
+            raise ValueError(_format_validation_error(e, f"finetune_per_target.{target}")) from None
 
 
 # --------------------------------------------------------------------------- the run
@@ -214,6 +233,13 @@ class RunConfig(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def budget_count(budget: float, pool_size: int) -> int:
@@ -234,6 +260,8 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"{origin}: unknown key '{key}'")
+        elif e["type"] == "value_error":  # a section's own check: its message names the key
+            lines.append(f"{origin}: '{key}': {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{origin}: '{key}': {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)

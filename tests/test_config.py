@@ -54,3 +54,20 @@ def test_override_indexes_a_list_from_the_file(tmp_path):
 def test_override_path_errors(item, match):
     with pytest.raises(ConfigError, match=match):
         load_config(overrides=[item])
+
+
+def test_per_target_finetune_recipe(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("evaluation:\n  finetune: {lr: 1.0e-3, epochs: 3}\n"
+                 "  finetune_per_target:\n    gemma3-270m: {lr: 2.0e-4, param_space: {lora_r: 4}}\n")
+    ev = load_config(p).evaluation
+    gemma, smol = ev.finetune_for("gemma3-270m"), ev.finetune_for("smollm2-135m-instruct")
+    assert (gemma.lr, gemma.epochs, gemma.param_space.lora_r, gemma.param_space.kind) == (2e-4, 3, 4, "lora")
+    assert smol == ev.finetune and smol.lr == 1e-3
+
+
+@pytest.mark.parametrize("change, match", [("{lrr: 1}", r"finetune_per_target.gemma3-270m: unknown key 'lrr'"),
+                                           ("{lr: -1}", r"finetune_per_target.gemma3-270m: 'lr'")])
+def test_bad_per_target_recipe_is_named(change, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=[f"evaluation.finetune_per_target={{gemma3-270m: {change}}}"])

@@ -1,7 +1,7 @@
 """Stage ``evaluate`` and the ``nacd evaluate`` entry point.
 
 ``evaluate(cfg, target, variant_name, variant_dir, out_dir)`` fine-tunes ``target`` on the variant
-(none for the ``none`` variant) with ``cfg.evaluation.finetune`` and scores every benchmark in
+(none for the ``none`` variant) with ``cfg.evaluation.finetune_for(target)`` and scores every benchmark in
 ``cfg.evaluation.benchmarks`` through lm-evaluation-harness. ``out_dir`` (written atomically) gets
 ``scores.json`` (rows of docs/stages.md), ``evaluate.json`` (the inputs, for reuse) and, after
 fine-tuning with LoRA, ``adapter/`` (peft ``save_pretrained``). A second call with the same inputs
@@ -87,7 +87,7 @@ def evaluate(cfg: RunConfig, target: str, variant_name: str, variant_dir: str | 
     if (out_dir / SCORES_FILE).is_file() and (out_dir / "evaluate.json").is_file():
         if json.loads((out_dir / "evaluate.json").read_text()) == inputs:
             return json.loads((out_dir / SCORES_FILE).read_text())
-    ft = cfg.evaluation.finetune
+    ft = cfg.evaluation.finetune_for(target)
     model, tokenizer = load_target(target)
     with atomic_dir(out_dir) as tmp:
         train_info: dict = {"trained": False}
