@@ -16,9 +16,9 @@ already there, so a killed run resumes where it stopped and a rerun only aggrega
 config is recorded under ``<work>/.stage-configs/``; a finished stage made under another config
 stops the run with the keys that differ, so a stale folder never mixes into the results.
 
-    python bench/quality.py --scale small --data-dir ../shared/data            # CPU, reduced
-    python bench/quality.py --scale full --data-dir DIR --device cuda          # one H200
-    python bench/quality.py --scale small --only-setting A --budgets 0.05 --seeds 0 --ablations
+    python bench/quality.py --scale small --data-dir ../shared/data   # CPU, reduced
+    bench/quality_gpu.sh OUT_DIR                                       # one H200, --scale full
+    python bench/quality.py --scale small --only-setting A --budgets 0.05 --seeds 0 --ablations beta0,P4@0
 
 Measured on 2 CPU cores (setting A, 5 %): experts 2 x 4 min; per seed distill 7 min, LESS
 4.5 min; per evaluation on all 570 ARC-Easy validation questions 2.5 min on SmolLM2 and 6 min on
@@ -37,7 +37,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import product
 from pathlib import Path
 from typing import Any, Callable
@@ -74,10 +74,21 @@ ABLATIONS: dict[str, list[str]] = {
     # gradient keeps asking for it (beta 0.1 over 160 vectors is ~1 % of the match gradient)
     "straight_through_beta10": ["distill.straight_through=true", "distill.lr_embeddings=0.1", "distill.beta=10"],
     "straight_through_beta1": ["distill.straight_through=true", "distill.lr_embeddings=0.1", "distill.beta=1"],
+    # distillation may rewrite the seed's instruction tokens too, not only an 8-token prefix
+    "straight_through_instruction": ["distill.straight_through=true", "distill.lr_embeddings=0.1",
+                                     "distill.learnable_instruction=true"],
     "no_projection": [],
     # the previous small-scale default: an expert checkpoint every 10 steps, alpha starting at 0.01
     "segments_10": ["experts.save_every=10", "distill.init_alpha=0.01"],
 }
+
+
+@dataclass
+class Ablation:
+    """One ablation of the 5 % setting-A unit, on some seeds and targets (None: the plan's)."""
+    name: str
+    seeds: list[int] | None = None
+    targets: list[str] | None = None
 
 
 @dataclass
@@ -87,7 +98,7 @@ class Plan:
     budgets: list[float]
     seeds: list[int]
     targets: list[str]
-    ablations: list[str]
+    ablations: list[Ablation]
     out: Path
     work: Path
     data_dir: str | None
@@ -516,7 +527,8 @@ def parse_args(argv: list[str] | None = None) -> Plan:
                     help="targets to train on the full data (default: every target)")
     ap.add_argument("--targets", default="smollm2-135m-instruct,gemma3-270m")
     ap.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
-                    help="also run the 5 %% setting-A ablations (all, or a comma list: beta0,no_projection)")
+                    help="also run the 5 %% setting-A ablations: all, or a comma list of NAME[@SEED+SEED][/TARGET+TARGET] "
+                         "(beta0,no_projection,P4@0/smollm2-135m-instruct: P4 on seed 0 and one target only)")
     ap.add_argument("--data-dir", default=None, help="folder laid out like shared/data (offline)")
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     ap.add_argument("--work", type=Path, default=None, help="stage outputs (default: <out>/work-<scale>)")
@@ -535,12 +547,21 @@ def parse_args(argv: list[str] | None = None) -> Plan:
                 adopt_unrecorded=a.adopt_unrecorded)
 
 
-def _ablations(spec: str) -> list[str]:
-    names = [n for n in spec.split(",") if n]
-    unknown = [n for n in names if n not in ABLATIONS]
-    if unknown:
-        raise SystemExit(f"quality.py: unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}")
-    return names
+def _ablations(spec: str) -> list[Ablation]:
+    """``NAME[@SEED+SEED...][/TARGET+TARGET...]``, comma-separated: e.g. ``beta0,P4@0/smollm2-135m-instruct``
+    runs beta0 on every seed and target, P4 on seed 0 and the source model only."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        rest, _, targets = item.partition("/")
+        name, _, seeds = rest.partition("@")
+        if name not in ABLATIONS:
+            raise SystemExit(f"quality.py: unknown ablation {name!r} in {item!r}; choose from {', '.join(ABLATIONS)}")
+        try:
+            seed_list = [int(x) for x in seeds.split("+")] if seeds else None
+        except ValueError:
+            raise SystemExit(f"quality.py: ablation {item!r}: seeds after '@' are integers joined by '+'") from None
+        out.append(Ablation(name, seed_list, targets.split("+") if targets else None))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -552,10 +573,12 @@ def main(argv: list[str] | None = None) -> int:
     for setting, budget, seed in product(plan.settings, plan.budgets, plan.seeds):
         rows += run_unit(plan, setting, budget, seed)
         _write(results, plan, rows, started)
-    for name, seed in product(plan.ablations, plan.seeds):
-        rows += [r for r in run_unit(plan, "A", 0.05, seed, name, ABLATIONS[name])
-                 if r["variant"].startswith("distilled-")]
-        _write(results, plan, rows, started)
+    for ablation in plan.ablations:
+        sub = replace(plan, targets=ablation.targets or plan.targets)
+        for seed in ablation.seeds or plan.seeds:
+            rows += [r for r in run_unit(sub, "A", 0.05, seed, ablation.name, ABLATIONS[ablation.name])
+                     if r["variant"].startswith("distilled-")]
+            _write(results, plan, rows, started)
     command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (plan.out / "quality.md").write_text(summarise(rows) + f"\nCommand: `{command}`; "
                                          f"wall time {time.time() - started:.0f} s (stages already done are skipped).\n")

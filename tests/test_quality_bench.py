@@ -131,3 +131,12 @@ def test_an_identical_text_reuses_its_twins_evaluation(quality, tmp_path):
     quality.once(plan, second / "scores.json", lambda: quality.reuse_twin(plan, scores_root, second, key), "eval", key)
     assert (second / "scores.json").read_text() == "{}" and (second / "adapter" / "weights").read_text() == "w"
     assert json.loads((second / "reused-from.json").read_text()) == {"scores": "A/seed-0/scores/distilled/t"}
+
+
+def test_ablation_specs(quality):
+    beta0, p4 = quality._ablations("beta0,P4@0+2/smollm2-135m-instruct")
+    assert beta0 == quality.Ablation("beta0") and p4 == quality.Ablation("P4", [0, 2], ["smollm2-135m-instruct"])
+    with pytest.raises(SystemExit, match="unknown ablation 'beta9'"):
+        quality._ablations("beta9")
+    with pytest.raises(SystemExit, match="seeds after '@'"):
+        quality._ablations("P4@x")
