@@ -219,3 +219,31 @@ def test_s3_problems_fail_before_training(dataset, shared_data, s3_server, monke
     with pytest.raises(storage.StorageError, match="no S3 credentials"):
         train_expert(missing_bucket, dataset, "s3://some-bucket/run", 0)
     assert StorageConfig().retries == 5  # the default is left alone
+
+
+def test_expert_checkpoint_loads_as_a_scorable_model(dataset, shared_data, tmp_path, one_thread):
+    from nacd.evaluation.run import load_expert_checkpoint
+    from nacd.trajectories import TrajectoryError
+
+    cfg = tiny_config(shared_data, "experts.max_steps=2", "experts.save_every=1")
+    train_expert(cfg, dataset, str(tmp_path / "store"), 0)
+    traj = open_store(str(tmp_path / "store")).expert(0)
+    batch = load_token_rows(dataset).collate([0, 1], 0, cfg.data.max_length)
+    reference = make_trainable(load_model("tiny-llama"), cfg.source.param_space).eval()
+    space = ParamSpace.from_model(reference, cfg.source.param_space)
+    with torch.no_grad():
+        base_logits = load_model("tiny-llama")(**batch).logits
+        for index in (0, 2):
+            space.set(reference, traj.read(index))
+            model, tokenizer, step = load_expert_checkpoint(cfg, str(tmp_path / "store"), 0, index)
+            assert step == index and tokenizer.pad_token_id is not None
+            assert not any(n for n, _ in model.named_parameters() if "lora" in n)  # folded in
+            logits = model(**batch).logits
+            assert torch.allclose(logits, reference(**batch).logits, atol=1e-5)
+            # step 0 is the LoRA init (B = 0): the base model; step 2 has moved away from it
+            assert torch.allclose(logits, base_logits, atol=1e-5) == (index == 0)
+    with pytest.raises(IndexError, match=r"checkpoints 0\.\.2, not 3"):
+        load_expert_checkpoint(cfg, str(tmp_path / "store"), 0, 3)
+    with pytest.raises(TrajectoryError, match="shape"):
+        load_expert_checkpoint(tiny_config(shared_data, "source.param_space.lora_r=4"),
+                               str(tmp_path / "store"), 0, 1)

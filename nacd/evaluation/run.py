@@ -39,6 +39,24 @@ def load_target(name: str, adapter: str | Path | None = None, dtype: str = "floa
     return model, ensure_pad_token(load_tokenizer(name), name)
 
 
+def load_expert_checkpoint(cfg: RunConfig, store_uri: str, expert: int | str, index: int):
+    """The source model at checkpoint ``index`` of an expert's trajectory (LoRA folded in), its
+    tokenizer and the checkpoint's optimizer step: what a stretch of an expert's path teaches,
+    scored like any target. The trajectory's parameter layout must be the model's."""
+    from nacd.models import ParamSpace, load_model, load_tokenizer, make_trainable
+    from nacd.trajectories import open_store
+
+    model = make_trainable(load_model(cfg.source.name, dtype=cfg.source.dtype, revision=cfg.source.revision),
+                           cfg.source.param_space)
+    space = ParamSpace.from_model(model, cfg.source.param_space)
+    trajectory = open_store(store_uri, cfg.storage).expert(expert, expect=space)
+    if not 0 <= index < len(trajectory):
+        raise IndexError(f"{trajectory!r} has checkpoints 0..{len(trajectory) - 1}, not {index}")
+    space.set(model, trajectory.read(index))
+    tokenizer = ensure_pad_token(load_tokenizer(cfg.source.name, cfg.source.revision), cfg.source.name)
+    return merged(model).eval(), tokenizer, trajectory.steps[index]
+
+
 def score(model: Any, tokenizer: Any, benchmark: str, split: str, data_dir: str | Path | None,
           shots: int = 0, limit: int | None = None, batch_size: int = 8, method: str = "lm_eval") -> dict:
     if method not in ("lm_eval", "direct"):

@@ -1,0 +1,93 @@
+"""How much does the stretch of expert trajectory that distillation matches teach?
+
+Trajectory matching can at best teach a student what the expert learnt between the checkpoints it
+matches. This scores the source model at chosen checkpoints of an expert trained by
+``bench/quality.py`` (same scorer, same benchmarks), next to the step-0 model:
+
+    <out>/expert_quality.json   one row per (expert, checkpoint, benchmark)
+    <out>/expert_quality.md     the table
+
+    python bench/expert_quality.py --work bench/results/work-small-st --setting A --data-dir ../shared/data
+
+By default it scores checkpoint 0 (the LoRA init: the model itself), the farthest checkpoint a
+distillation target can be (``distill.max_start - 1 + distill.expert_epochs``) and the last one.
+One evaluation on the 570 ARC-Easy validation questions takes about 2.5 min on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import quality  # noqa: E402  (the benchmark's settings and config builder)
+
+
+def checkpoint_indices(spec: str, cfg, length: int) -> list[int]:
+    """``0,matched,last`` or numbers -> sorted distinct checkpoint indices of a trajectory."""
+    named = {"matched": cfg.distill.max_start - 1 + cfg.distill.expert_epochs, "last": length - 1}
+    out = set()
+    for item in spec.split(","):
+        index = named[item] if item in named else int(item)
+        if not 0 <= index < length:
+            raise SystemExit(f"expert_quality.py: checkpoint {item!r} = {index} is not in 0..{length - 1}")
+        out.add(index)
+    return sorted(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True, help="the --work folder of bench/quality.py")
+    ap.add_argument("--scale", choices=["small", "full"], default="small")
+    ap.add_argument("--setting", choices=sorted(quality.SETTINGS), default="A")
+    ap.add_argument("--trajectories", default="trajectories", help="the store folder under <work>/<setting>")
+    ap.add_argument("--experts", default="0", help="comma list of expert indices")
+    ap.add_argument("--checkpoints", default="0,matched,last")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", type=Path, default=BENCH / "results")
+    a = ap.parse_args(argv)
+
+    from nacd.evaluation.run import load_expert_checkpoint, score
+    from nacd.trajectories import open_store
+
+    plan = quality.parse_args(["--scale", a.scale, "--work", str(a.work), "--out", str(a.out)]
+                              + (["--data-dir", a.data_dir] if a.data_dir else []))
+    cfg = quality.setting_config(plan, a.setting, 0.05, 0)
+    store = str(a.work / a.setting / a.trajectories)
+    rows = []
+    for expert in (int(e) for e in a.experts.split(",")):
+        trajectory = open_store(store).expert(expert)
+        for index in checkpoint_indices(a.checkpoints, cfg, len(trajectory)):
+            start = time.time()
+            model, tokenizer, step = load_expert_checkpoint(cfg, store, expert, index)
+            for bench in cfg.evaluation.benchmarks:
+                result = score(model, tokenizer, bench.name, bench.split, cfg.data.data_dir, bench.shots,
+                               bench.limit, cfg.evaluation.batch_size)
+                result.pop("_questions")
+                rows.append({"setting": a.setting, "expert": expert, "checkpoint": index, "step": step,
+                             "examples_seen": step * cfg.experts.micro_batch * cfg.experts.grad_accum,
+                             **result, "wall_s": round(time.time() - start, 1)})
+                print(json.dumps(rows[-1]), flush=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    doc = {"experts": cfg.experts.model_dump(mode="json"), "distill": cfg.distill.model_dump(mode="json"),
+           "store": store, "rows": rows}
+    (a.out / "expert_quality.json").write_text(json.dumps(doc, indent=1))
+    lines = ["# Expert checkpoints scored like a target", "",
+             f"Setting {a.setting}, store `{store}`; SGD lr {cfg.experts.lr}, a checkpoint every "
+             f"{cfg.experts.save_every} steps; distillation targets reach checkpoint "
+             f"{cfg.distill.max_start - 1 + cfg.distill.expert_epochs} at most.", "",
+             "| expert | checkpoint | step | examples seen | benchmark | n | acc (%) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['expert']} | {r['checkpoint']} | {r['step']} | {r['examples_seen']} | {r['benchmark']} | "
+              f"{r['n']} | {100 * r['acc']:.1f} |" for r in rows]
+    command = "python bench/expert_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (a.out / "expert_quality.md").write_text("\n".join(lines) + f"\n\nCommand: `{command}`\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
