@@ -196,8 +196,13 @@ def _write_record(record: Path, key: dict) -> None:
     tmp.replace(record)
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def training_text_sha256(variant_dir: Path) -> str:
+    """sha256 of what fine-tuning reads from a variant: each row's prompt and response, in order
+    (the rows' other fields, such as projection distances, do not reach the target)."""
+    from nacd.data.variants import read_variant
+
+    pairs = [[row["prompt"], row["response"]] for row in read_variant(variant_dir)]
+    return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()
 
 
 def reuse_twin(plan: Plan, scores_root: Path, out: Path, key: dict) -> bool:
@@ -302,11 +307,11 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
         where = {"full": root / "scores" / "full" / f"seed-{seed}",
                  "none": root / "scores" / "none"}.get(vname, unit / "scores" / vname)
         out = where / target
-        # none is not fine-tuned: only the benchmarks and the target matter. A distilled text is
-        # keyed by its bytes: two distillations that project to the same text share one score.
+        # none is not fine-tuned: only the benchmarks and the target matter. A distilled variant is
+        # keyed by the text it trains on: two distillations that project to the same text share one score.
         key = ({**stage_key(cfg, "evaluation.benchmarks", "evaluation.batch_size"), "target": target}
                if vname == "none" else
-               {**eval_key(target), "text_sha256": file_sha256(vdir / "data.jsonl")}
+               {**eval_key(target), "training_text_sha256": training_text_sha256(vdir)}
                if vname.startswith("distilled") else {**variant_keys[vname], **eval_key(target)})
         walls[f"eval:{target}:{vname}"] = once(
             plan, out / "scores.json",

@@ -120,13 +120,13 @@ def test_summary_pairs_seeds(quality):
 
 def test_an_identical_text_reuses_its_twins_evaluation(quality, tmp_path):
     plan, scores_root = _plan(quality, tmp_path), tmp_path / "A" / "seed-0" / "scores"
-    key = {"target": "t", "text_sha256": "ab" * 32}
+    key = {"target": "t", "training_text_sha256": "ab" * 32}
     first = scores_root / "distilled" / "t"
     quality.once(plan, first / "scores.json", _stage(first / "scores.json", []), "eval", key)
     (first / "adapter").mkdir()
     (first / "adapter" / "weights").write_text("w")
     second = scores_root / "distilled-beta0" / "t"
-    assert not quality.reuse_twin(plan, scores_root, second, {**key, "text_sha256": "cd" * 32})
+    assert not quality.reuse_twin(plan, scores_root, second, {**key, "training_text_sha256": "cd" * 32})
     assert not second.exists()
     quality.once(plan, second / "scores.json", lambda: quality.reuse_twin(plan, scores_root, second, key), "eval", key)
     assert (second / "scores.json").read_text() == "{}" and (second / "adapter" / "weights").read_text() == "w"
@@ -140,3 +140,16 @@ def test_ablation_specs(quality):
         quality._ablations("beta9")
     with pytest.raises(SystemExit, match="seeds after '@'"):
         quality._ablations("P4@x")
+
+
+def test_training_text_hash_sees_only_prompt_and_response(quality, tmp_path):
+    from nacd.data.variants import write_variant
+
+    rows = [{"id": "d-0", "prompt": "p0", "response": "r0", "nn_distances": [1.0]},
+            {"id": "d-1", "prompt": "p1", "response": "r1", "nn_distances": [2.0]}]
+    write_variant(rows, tmp_path / "a", {"variant": "distilled"})
+    write_variant([{**r, "nn_distances": [9.0]} for r in rows], tmp_path / "b", {"variant": "distilled"})
+    write_variant([rows[1], rows[0]], tmp_path / "c", {"variant": "distilled"})
+    write_variant([rows[0], {**rows[1], "response": "r1!"}], tmp_path / "d", {"variant": "distilled"})
+    a, b, c, d = (quality.training_text_sha256(tmp_path / x) for x in "abcd")
+    assert a == b and len({a, c, d}) == 3  # other fields ignored; order and text are not
