@@ -21,7 +21,7 @@ stops the run with the keys that differ, so a stale folder never mixes into the 
     python bench/quality.py --scale small --only-setting A --budgets 0.05 --seeds 0 --ablations beta0,P4@0
 
 Measured on 2 CPU cores (setting A, 5 %): experts 2 x 4 min; per seed distill 7 min, LESS
-4.5 min; per evaluation on all 570 ARC-Easy validation questions 2.5 min on SmolLM2 and 6 min on
+4.5 min; per evaluation on all 570 ARC-Easy validation questions 2.5 min on SmolLM2 and 6-7 min on
 Gemma 3 270M; the full-data variant 12 min on SmolLM2. ``--scale small --only-setting A --budgets
 0.05 --seeds 0,1,2 --full-seeds 0 --targets smollm2-135m-instruct`` therefore takes about 75 min
 from nothing. The latest results are in ``bench/results/quality.md`` (its last line is the
