@@ -112,18 +112,11 @@ class Plan:
     adopt_unrecorded: bool = False  # reuse stages that predate config records (see once)
 
 
-def deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def setting_config(plan: Plan, setting: str, budget: float, seed: int, extra: list[str] = ()):
     """The RunConfig of one unit: scale preset, setting, budget and seed, then user overrides."""
     import yaml
 
-    from nacd.config import RunConfig, apply_overrides
+    from nacd.config import RunConfig, apply_overrides, deep_merge
 
     base = yaml.safe_load((BENCH / f"quality_{plan.scale}.yaml").read_text())
     data = deep_merge(base, SETTINGS[setting])
@@ -279,7 +272,6 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
                             f"{tag}: project", distill_key)
     diagnostics = distill_diagnostics(syn, distilled)
     variants: dict[str, Path | None] = {("distilled-" + name) if name else "distilled": distilled}
-    variant_keys[next(iter(variants))] = distill_key
     wanted = set(cfg.evaluation.variants) if not name else set()
     if plan.full_seeds is not None and seed not in plan.full_seeds:
         wanted.discard("full")

@@ -216,7 +216,7 @@ class EvaluationConfig(Section):
         if not changes:
             return self.finetune
         try:
-            return FinetuneConfig.model_validate(_merged(self.finetune.model_dump(), changes))
+            return FinetuneConfig.model_validate(deep_merge(self.finetune.model_dump(), changes))
         except ValidationError as e:
             raise ValueError(_format_validation_error(e, f"finetune_per_target.{target}")) from None
 
@@ -235,10 +235,11 @@ class RunConfig(Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
 
-def _merged(base: dict, changes: dict) -> dict:
+def deep_merge(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` laid over it, section by section (neither is modified)."""
     out = dict(base)
     for k, v in changes.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
