@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     a = ap.parse_args(argv)
 
-    from nacd.evaluation.run import load_expert_checkpoint, score
+    from nacd.evaluation.run import load_expert_checkpoint, score_benchmarks
     from nacd.trajectories import open_store
 
     plan = quality.parse_args(["--scale", a.scale, "--work", str(a.work), "--out", str(a.out)]
@@ -64,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         for index in checkpoint_indices(a.checkpoints, cfg, len(trajectory)):
             start = time.time()
             model, tokenizer, step = load_expert_checkpoint(cfg, store, expert, index)
-            for bench in cfg.evaluation.benchmarks:
-                result = score(model, tokenizer, bench.name, bench.split, cfg.data.data_dir, bench.shots,
-                               bench.limit, cfg.evaluation.batch_size)
-                result.pop("_questions")
+            for result in score_benchmarks(model, tokenizer, cfg):
                 rows.append({"setting": a.setting, "expert": expert, "checkpoint": index, "step": step,
                              "examples_seen": step * cfg.experts.micro_batch * cfg.experts.grad_accum,
                              **result, "wall_s": round(time.time() - start, 1)})

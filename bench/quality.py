@@ -183,10 +183,9 @@ def once(plan: Plan, marker: Path, run: Callable[[], Any], label: str, key: dict
 
 
 def _write_record(record: Path, key: dict) -> None:
-    record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps(key, indent=1, sort_keys=True))
-    tmp.replace(record)
+    from nacd.storage import write_json
+
+    write_json(str(record), key)
 
 
 def training_text_sha256(variant_dir: Path) -> str:
@@ -346,7 +345,7 @@ def evaluate_embeddings(cfg, synthetic_dir: Path, out_dir: Path) -> list[dict]:
     from nacd.data.variants import atomic_dir, write_json
     from nacd.distill.synthetic import SyntheticSet
     from nacd.evaluation.finetune import merged, seeded_batches
-    from nacd.evaluation.run import load_target, score
+    from nacd.evaluation.run import load_target, score_benchmarks
     from nacd.models import make_trainable
 
     ft = cfg.evaluation.finetune_for(cfg.source.name)
@@ -383,14 +382,9 @@ def evaluate_embeddings(cfg, synthetic_dir: Path, out_dir: Path) -> list[dict]:
     model = merged(model.eval())
     info = {"trained": True, "on": "embeddings", "steps": steps, "examples": k,
             "loss_first": losses[0], "loss_last": losses[-1], **ft.model_dump(mode="json")}
-    rows = []
+    rows = [{"target": cfg.source.name, "variant": "no_projection", **result, "seed": ft.seed, "finetune": info}
+            for result in score_benchmarks(model, tokenizer, cfg)]
     with atomic_dir(out_dir) as tmp:
-        for bench in cfg.evaluation.benchmarks:
-            result = score(model, tokenizer, bench.name, bench.split, cfg.data.data_dir, bench.shots,
-                           bench.limit, cfg.evaluation.batch_size)
-            result.pop("_questions")
-            rows.append({"target": cfg.source.name, "variant": "no_projection", **result,
-                         "seed": ft.seed, "finetune": info})
         write_json(tmp / "scores.json", rows)
     return rows
 

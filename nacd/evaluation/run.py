@@ -70,6 +70,17 @@ def score(model: Any, tokenizer: Any, benchmark: str, split: str, data_dir: str 
             **result, "wall_s": round(time.time() - start, 2), "_questions": questions}
 
 
+def score_benchmarks(model: Any, tokenizer: Any, cfg: RunConfig) -> list[dict]:
+    """``score`` on every benchmark of ``cfg.evaluation`` (accuracy summaries, no per-question rows)."""
+    results = []
+    for bench in cfg.evaluation.benchmarks:
+        result = score(model, tokenizer, bench.name, bench.split, cfg.data.data_dir, bench.shots,
+                       bench.limit, cfg.evaluation.batch_size)
+        result.pop("_questions")
+        results.append(result)
+    return results
+
+
 def evaluate_model(model: str, adapter: str | Path | None, benchmark: str, split: str,
                    data_dir: str | Path | None, shots: int = 0, limit: int | None = None,
                    batch_size: int = 8, method: str = "lm_eval", json_out: str | Path | None = None) -> dict:
@@ -115,13 +126,8 @@ def evaluate(cfg: RunConfig, target: str, variant_name: str, variant_dir: str | 
             if ft.param_space.kind == "lora":
                 model.save_pretrained(str(tmp / "adapter"))
             model = merged(model)
-        rows = []
-        for bench in cfg.evaluation.benchmarks:
-            result = score(model, tokenizer, bench.name, bench.split, cfg.data.data_dir, bench.shots,
-                           bench.limit, cfg.evaluation.batch_size)
-            result.pop("_questions")
-            rows.append({"target": target, "variant": variant_name, **result, "seed": ft.seed,
-                         "finetune": train_info})
+        rows = [{"target": target, "variant": variant_name, **result, "seed": ft.seed, "finetune": train_info}
+                for result in score_benchmarks(model, tokenizer, cfg)]
         write_json(tmp / SCORES_FILE, rows)
         write_json(tmp / "evaluate.json", inputs)
     return rows
