@@ -58,29 +58,35 @@ SETTINGS: dict[str, dict[str, Any]] = {
                                         {"name": "mmlu", "split": "val"}]},
           "selection": {"less": {"target_benchmark": "mmlu"}}},
 }
-# Ablations of the headline setting (A at 5 %): dotted config overrides (one that changes the
-# experts trains its own), plus "no_projection", which trains the source model on the learnt
-# embeddings themselves.
-ABLATIONS: dict[str, list[str]] = {
+# PEZ-style: the student trains on the nearest tokens, so what is learnt survives projection; lr 0.1
+# is large enough for a prompt vector to reach another token's neighbourhood in 20 iterations
+STRAIGHT_THROUGH = ["distill.straight_through=true", "distill.lr_embeddings=0.1"]
+# The issue's beta / P / N / M ablations. On the continuous default the projection returns every
+# initial token, so they change L_match but never the text; the straight_through_* twins can.
+KNOB_ABLATIONS: dict[str, list[str]] = {
     "beta0": ["distill.beta=0"],
     "P4": ["distill.prompt_len=4"], "P16": ["distill.prompt_len=16"],
     "N2": ["distill.syn_steps=2"], "N8": ["distill.syn_steps=8"],
     "M1": ["distill.expert_epochs=1"], "M4": ["distill.expert_epochs=4"],
+}
+# Ablations of the headline setting (A at 5 %): dotted config overrides (one that changes the
+# experts trains its own), plus "no_projection", which trains the source model on the learnt
+# embeddings themselves.
+ABLATIONS: dict[str, list[str]] = {
+    **KNOB_ABLATIONS,
+    **{f"straight_through_{name}": STRAIGHT_THROUGH + overrides for name, overrides in KNOB_ABLATIONS.items()},
     # an embedding learning rate large enough for vectors to reach other tokens' neighbourhoods
     "lr_emb_1e-1": ["distill.lr_embeddings=0.1"],
-    # PEZ-style: the student trains on the nearest tokens, so what is learnt survives projection
-    "straight_through_lr_1e-1": ["distill.straight_through=true", "distill.lr_embeddings=0.1"],
+    "straight_through_lr_1e-1": STRAIGHT_THROUGH,
     # a strong pull to the current token acts as hysteresis: a token changes only where the match
     # gradient keeps asking for it (beta 0.1 over 160 vectors is ~1 % of the match gradient)
-    "straight_through_beta10": ["distill.straight_through=true", "distill.lr_embeddings=0.1", "distill.beta=10"],
-    "straight_through_beta1": ["distill.straight_through=true", "distill.lr_embeddings=0.1", "distill.beta=1"],
+    "straight_through_beta10": STRAIGHT_THROUGH + ["distill.beta=10"],
+    "straight_through_beta1": STRAIGHT_THROUGH + ["distill.beta=1"],
     # starts drawn along the whole expert path: scored like a target, expert 0 of setting A is at
     # 52.3 -> 51.8 % over the first 12 steps (all the default max_start reaches) and 54.9 % at the end
-    "straight_through_start45": ["distill.straight_through=true", "distill.lr_embeddings=0.1",
-                                 "distill.max_start=45"],
+    "straight_through_start45": STRAIGHT_THROUGH + ["distill.max_start=45"],
     # distillation may rewrite the seed's instruction tokens too, not only an 8-token prefix
-    "straight_through_instruction": ["distill.straight_through=true", "distill.lr_embeddings=0.1",
-                                     "distill.learnable_instruction=true"],
+    "straight_through_instruction": STRAIGHT_THROUGH + ["distill.learnable_instruction=true"],
     "no_projection": [],
     # the previous small-scale default: an expert checkpoint every 10 steps, alpha starting at 0.01
     "segments_10": ["experts.save_every=10", "distill.init_alpha=0.01"],

@@ -142,6 +142,17 @@ def test_ablation_specs(quality):
         quality._ablations("P4@x")
 
 
+def test_every_ablation_builds_a_valid_config(quality, tmp_path):
+    plan = _plan(quality, tmp_path)
+    for name, overrides in quality.ABLATIONS.items():
+        cfg = quality.setting_config(plan, "A", 0.05, 0, overrides)
+        assert cfg.distill.straight_through == name.startswith("straight_through"), name
+    # the knob ablations' straight-through twins change the knob and nothing else
+    base = quality.setting_config(plan, "A", 0.05, 0, quality.STRAIGHT_THROUGH).distill
+    twin = quality.setting_config(plan, "A", 0.05, 0, quality.ABLATIONS["straight_through_P16"]).distill
+    assert twin.prompt_len == 16 and twin.model_copy(update={"prompt_len": base.prompt_len}) == base
+
+
 def test_training_text_hash_sees_only_prompt_and_response(quality, tmp_path):
     from nacd.data.variants import write_variant
 
