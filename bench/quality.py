@@ -15,6 +15,8 @@ Every unit of work lands in ``<work>/...`` through the stages' atomic writers an
 already there, so a killed run resumes where it stopped and a rerun only aggregates. Each stage's
 config is recorded under ``<work>/.stage-configs/``; a finished stage made under another config
 stops the run with the keys that differ, so a stale folder never mixes into the results.
+``--report-only`` runs no stage: it puts together what the ``--work`` folder holds for the plan and
+lists, in quality.md, every stage it lacks (so one command can report units run by several).
 
     python bench/quality.py --scale small --data-dir ../shared/data   # CPU, reduced
     bench/quality_gpu.sh OUT_DIR                                       # one H200, --scale full
@@ -116,6 +118,8 @@ class Plan:
     full_seeds: list[int] | None = None  # None: every seed
     full_targets: list[str] | None = None  # None: every target
     adopt_unrecorded: bool = False  # reuse stages that predate config records (see once)
+    report_only: bool = False  # run no stage: report what the --work folder holds (see NotRun)
+    not_run: list[str] = field(default_factory=list)  # with report_only: the stages it lacks
 
 
 def setting_config(plan: Plan, setting: str, budget: float, seed: int, extra: list[str] = ()):
@@ -138,6 +142,11 @@ def setting_config(plan: Plan, setting: str, budget: float, seed: int, extra: li
 
 class StaleWork(SystemExit):
     """A ``--work`` folder holds a stage made with another config than this run's."""
+
+
+class NotRun(Exception):
+    """With ``--report-only``: a stage the ``--work`` folder does not hold. A missing evaluation or
+    variant drops its rows; a missing stage they all need (experts, distill) drops the unit."""
 
 
 def stage_key(cfg, *paths: str, **extra: Any) -> dict:
@@ -181,6 +190,8 @@ def once(plan: Plan, marker: Path, run: Callable[[], Any], label: str, key: dict
         if recorded is None:
             _write_record(record, key)
         return 0.0
+    if plan.report_only:
+        raise NotRun(label)
     _write_record(record, key)  # before the run: a stage killed midway is redone under this key
     print(f"[quality] {label}", flush=True)
     start = time.time()
@@ -283,8 +294,12 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
     for vname, fn, vdir in (("random", select_random, unit / "random"), ("less", select_less, unit / "less"),
                             ("full", lambda c, d, o: full_variant(d, o), root / "full")):
         if vname in wanted:
-            walls[vname] = once(plan, vdir / "variant.json", lambda fn=fn, vdir=vdir: fn(cfg, dataset, vdir),
-                                f"{tag}: {vname}", variant_keys[vname])
+            try:
+                walls[vname] = once(plan, vdir / "variant.json", lambda fn=fn, vdir=vdir: fn(cfg, dataset, vdir),
+                                    f"{tag}: {vname}", variant_keys[vname])
+            except NotRun as missing:
+                plan.not_run.append(str(missing))
+                continue
             variants[vname] = vdir
     if "none" in wanted:
         variants["none"] = None
@@ -310,10 +325,14 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
                if vname == "none" else
                {**eval_key(target), "training_text_sha256": training_text_sha256(vdir)}
                if vname.startswith("distilled") else {**variant_keys[vname], **eval_key(target)})
-        walls[f"eval:{target}:{vname}"] = once(
-            plan, out / "scores.json",
-            lambda: reuse_twin(plan, unit / "scores", out, key) or evaluate(cfg, target, vname, vdir, out),
-            f"{tag}: evaluate {target} on {vname}", key)
+        try:
+            walls[f"eval:{target}:{vname}"] = once(
+                plan, out / "scores.json",
+                lambda: reuse_twin(plan, unit / "scores", out, key) or evaluate(cfg, target, vname, vdir, out),
+                f"{tag}: evaluate {target} on {vname}", key)
+        except NotRun as missing:
+            plan.not_run.append(str(missing))
+            continue
         rows += score_rows(out / "scores.json", {"setting": setting, "budget": budget, "variant": vname,
                                                  "target": target, "seed": None if vname == "none" else seed})
     for row in rows:
@@ -477,6 +496,13 @@ def diagnostics_table(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def not_run_section(not_run: list[str]) -> str:
+    if not not_run:
+        return ""
+    return "\n".join(["## Not run", "", "`--report-only` found no output for these stages in the `--work` folder:", ""]
+                     + [f"- {label}" for label in not_run] + [""])
+
+
 def _dedupe_by_seed(rs: list[dict], variant: str) -> list[float]:
     return list({r["seed"]: r["acc"] for r in rs if r["variant"] == variant}.values())
 
@@ -536,6 +562,8 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     ap.add_argument("--adopt-unrecorded", action="store_true",
                     help="reuse finished stages that have no config record (made before records existed) "
                          "and record this run's config for them; only for a --work folder you know matches")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run no stage: put together what the --work folder holds and list what it lacks")
     ap.add_argument("--set", action="append", default=[], dest="overrides",
                     help="config override applied to every unit, e.g. evaluation.benchmarks.0.limit=100")
     a = ap.parse_args(argv)
@@ -545,7 +573,7 @@ def parse_args(argv: list[str] | None = None) -> Plan:
                 work=a.work or a.out / f"work-{a.scale}", data_dir=a.data_dir, overrides=a.overrides,
                 full_seeds=[int(s) for s in a.full_seeds.split(",")] if a.full_seeds else None,
                 full_targets=a.full_targets.split(",") if a.full_targets else None,
-                adopt_unrecorded=a.adopt_unrecorded)
+                adopt_unrecorded=a.adopt_unrecorded, report_only=a.report_only)
 
 
 def _ablations(spec: str) -> list[Ablation]:
@@ -571,17 +599,25 @@ def main(argv: list[str] | None = None) -> int:
     results = plan.out / "quality.json"
     started = time.time()
     rows: list[dict] = []
-    for setting, budget, seed in product(plan.settings, plan.budgets, plan.seeds):
-        rows += run_unit(plan, setting, budget, seed)
-        _write(results, plan, rows, started)
+    units = [(plan, setting, budget, seed, "", []) for setting, budget, seed
+             in product(plan.settings, plan.budgets, plan.seeds)]
     for ablation in plan.ablations:
-        sub = replace(plan, targets=ablation.targets or plan.targets)
-        for seed in ablation.seeds or plan.seeds:
-            rows += [r for r in run_unit(sub, "A", 0.05, seed, ablation.name, ABLATIONS[ablation.name])
-                     if r["variant"].startswith("distilled-")]
-            _write(results, plan, rows, started)
+        sub = replace(plan, targets=ablation.targets or plan.targets)  # shares plan.not_run
+        units += [(sub, "A", 0.05, seed, ablation.name, ABLATIONS[ablation.name]) for seed in ablation.seeds or plan.seeds]
+    for unit_plan, setting, budget, seed, name, extra in units:
+        try:
+            unit_rows = run_unit(unit_plan, setting, budget, seed, name, extra)
+        except NotRun as missing:
+            plan.not_run.append(f"{missing} (so none of this unit's rows)")
+            continue
+        rows += [r for r in unit_rows if not name or r["variant"].startswith("distilled-")]
+        _write(results, plan, rows, started)
+    if not rows:  # only with --report-only: every unit lacks a stage it needs
+        print(f"quality.py: {plan.work} holds no finished unit of this plan; first missing: {plan.not_run[0]}",
+              file=sys.stderr)
+        return 1
     command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    (plan.out / "quality.md").write_text(summarise(rows) + f"\nCommand: `{command}`; "
+    (plan.out / "quality.md").write_text(summarise(rows) + not_run_section(plan.not_run) + f"\nCommand: `{command}`; "
                                          f"wall time {time.time() - started:.0f} s (stages already done are skipped).\n")
     plot(rows, plan.out / "quality.png")
     print((plan.out / "quality.md").read_text())

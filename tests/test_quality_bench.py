@@ -1,6 +1,7 @@
 """bench/quality.py's own logic: stage reuse under config records, row labels, the paired test."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -131,6 +132,26 @@ def test_an_identical_text_reuses_its_twins_evaluation(quality, tmp_path):
     quality.once(plan, second / "scores.json", lambda: quality.reuse_twin(plan, scores_root, second, key), "eval", key)
     assert (second / "scores.json").read_text() == "{}" and (second / "adapter" / "weights").read_text() == "w"
     assert json.loads((second / "reused-from.json").read_text()) == {"scores": "A/seed-0/scores/distilled/t"}
+
+
+def test_report_only_runs_no_stage(quality, tmp_path):
+    marker, calls = tmp_path / "A" / "stage" / "done.json", []
+    report = dataclasses.replace(_plan(quality, tmp_path), report_only=True)
+    with pytest.raises(quality.NotRun, match="stage"):
+        quality.once(report, marker, _stage(marker, calls), "stage", {"k": 1})
+    assert calls == [] and not (tmp_path / ".stage-configs").exists()  # nothing run, nothing recorded
+    quality.once(_plan(quality, tmp_path), marker, _stage(marker, calls), "stage", {"k": 1})
+    assert quality.once(report, marker, _stage(marker, calls), "stage", {"k": 1}) == 0.0 and calls == [1]
+    with pytest.raises(quality.StaleWork):  # a stale stage is refused in a report too
+        quality.once(report, marker, _stage(marker, calls), "stage", {"k": 2})
+
+
+def test_report_only_on_an_empty_work_folder_fails_and_writes_nothing(quality, tmp_path, capsys):
+    args = ["--report-only", "--only-setting", "A", "--budgets", "0.05", "--seeds", "0", "--targets", "t",
+            "--out", str(tmp_path)]
+    assert quality.main(args) == 1
+    assert "A budget=0.05 seed=0: prepare" in capsys.readouterr().err
+    assert not (tmp_path / "quality.md").exists() and not (tmp_path / "quality.json").exists()
 
 
 def test_ablation_specs(quality):
