@@ -5,6 +5,8 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -185,3 +187,18 @@ def test_training_text_hash_sees_only_prompt_and_response(quality, tmp_path):
     write_variant([rows[0], {**rows[1], "response": "r1!"}], tmp_path / "d", {"variant": "distilled"})
     a, b, c, d = (quality.training_text_sha256(tmp_path / x) for x in "abcd")
     assert a == b and len({a, c, d}) == 3  # other fields ignored; order and text are not
+
+
+def test_gpu_script_checks_its_inputs_and_logs_under_out(tmp_path):
+    script, out = REPO / "bench" / "quality_gpu.sh", tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("NACD_CACHE", "NACD_DATA", "NACD_WHEELS")}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the host's `python`
+    missing = subprocess.run(["bash", str(script), str(out)], env=env, capture_output=True, text=True)
+    assert missing.returncode != 0 and "NACD_CACHE" in missing.stderr
+    env.update(NACD_CACHE=str(tmp_path / "cache"), NACD_DATA=str(tmp_path / "data"))
+    # arguments after OUT_DIR reach quality.py; a report on the empty work folder fails and says so
+    report = subprocess.run(["bash", str(script), str(out), "--report-only", "--only-setting", "A",
+                             "--budgets", "0.05", "--seeds", "0"], env=env, capture_output=True, text=True)
+    assert report.returncode == 1
+    log = (out / "quality.log").read_text()
+    assert f"{out / 'work'} holds no finished unit" in log and "A budget=0.05 seed=0: prepare" in log
