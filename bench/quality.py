@@ -456,7 +456,8 @@ def summarise(rows: list[dict]) -> str:
             for b in budgets:
                 accs = [r["acc"] for r in rs if r["variant"] == v and (r["budget"] == b or v in ("full", "none"))]
                 accs = accs if v not in ("full", "none") else _dedupe_by_seed(rs, v)
-                cells.append(mean_std(accs))
+                # none is not fine-tuned: one score, not one seed
+                cells.append(f"{100 * accs[0]:.1f}" if v == "none" and accs else mean_std(accs))
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines += ["", "Paired over seeds (same seed rows, same fine-tuning seed):", "",
                   "| budget | variant | − random | p | − LESS | p |", "|---|---|---|---|---|---|"]

@@ -112,8 +112,10 @@ def test_summary_pairs_seeds(quality):
              "acc": acc} for v, accs in (("distilled", [0.60, 0.50, 0.55]), ("random", [0.50, 0.50, 0.50]),
                                          ("less", [0.55, 0.45, 0.60]))
             for s, acc in enumerate(accs)]
+    rows.append({"setting": "A", "target": "t", "benchmark": "arc_easy", "budget": 0.05, "variant": "none",
+                 "seed": None, "acc": 0.4})
     md = quality.summarise(rows)
-    assert "| distilled | 55.0 ± 5.0 |" in md
+    assert "| distilled | 55.0 ± 5.0 |" in md and "| none | 40.0 |" in md
     line = next(ln for ln in md.splitlines() if ln.startswith("| 5 % | distilled |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[2] == "+5.0" and cells[4] == "+1.7"
