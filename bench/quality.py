@@ -7,6 +7,7 @@ projection; random; LESS; full; none), fine-tunes every target on every variant 
 recipe, scores the benchmarks, and writes
 
     <out>/quality.json   one row per (setting, budget, variant, target, seed, benchmark)
+                         (acc: on MMLU the macro average over subjects, acc_micro pooled)
     <out>/quality.md     mean +- std over seeds; distilled - random and distilled - LESS with a
                          paired t-test over seeds
     <out>/quality.png    accuracy against budget per variant
@@ -234,7 +235,10 @@ def reuse_twin(plan: Plan, scores_root: Path, out: Path, key: dict) -> bool:
 def score_rows(scores_file: Path, context: dict) -> list[dict]:
     """The unit's context wins over the scores file's own fields: a file made under another name
     (an ablation's cached evaluation) or once for every seed (``none``) is labelled by the unit."""
-    return [{**row, **context} for row in json.loads(scores_file.read_text())]
+    rows = json.loads(scores_file.read_text())
+    # MMLU's accuracy here is the macro average over subjects (the scorer's acc pools questions)
+    return [{**row, **({"acc": row["acc_macro"], "acc_micro": row["acc"]} if "acc_macro" in row else {}), **context}
+            for row in rows]
 
 
 def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",

@@ -94,6 +94,9 @@ def test_score_rows_are_labelled_by_the_unit(quality, tmp_path):
     scores.write_text(json.dumps([{"variant": "distilled", "seed": 0, "acc": 0.5, "benchmark": "arc_easy"}]))
     (row,) = quality.score_rows(scores, {"variant": "distilled-beta0", "seed": 2})
     assert row == {"variant": "distilled-beta0", "seed": 2, "acc": 0.5, "benchmark": "arc_easy"}
+    scores.write_text(json.dumps([{"benchmark": "mmlu", "acc": 0.3, "acc_macro": 0.25}]))
+    (mmlu,) = quality.score_rows(scores, {"seed": 0})
+    assert mmlu["acc"] == 0.25 and mmlu["acc_micro"] == 0.3  # the macro average over subjects
 
 
 def test_paired_t_matches_scipy(quality):
