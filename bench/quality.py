@@ -22,12 +22,15 @@ lists, in quality.md, every stage it lacks (so one command can report units run 
     python bench/quality.py --scale small --data-dir ../shared/data   # CPU, reduced
     bench/quality_gpu.sh OUT_DIR                                       # one H200, --scale full
     python bench/quality.py --scale small --only-setting A --budgets 0.05 --seeds 0 --ablations beta0,P4@0
+    python bench/quality.py --scale small --report-only --data-dir ../shared/data      # run nothing
 
 Measured on 2 CPU cores (setting A, 5 %): experts 2 x 4 min; per seed distill 7 min, LESS
 4.5 min; per evaluation on all 570 ARC-Easy validation questions 2.5 min on SmolLM2 and 6-7 min on
 Gemma 3 270M; the full-data variant 12 min on SmolLM2. ``--scale small --only-setting A --budgets
 0.05 --seeds 0,1,2 --full-seeds 0 --targets smollm2-135m-instruct`` therefore takes about 75 min
-from nothing. The latest results are in ``bench/results/quality.md`` (its last line is the
+from nothing. Setting B (363-row pool, SmolLM2 only, no full data) took 57 min for one seed: experts
+2 x 3.5 min, distill 7, LESS 7, and 9.3 min per evaluation (ARC-Easy 2.2, all 1531 MMLU val
+questions 7). The latest results are in ``bench/results/quality.md`` (its last line is the
 command; stages done by earlier commands in the same ``--work`` folder are reused).
 """
 from __future__ import annotations
