@@ -469,6 +469,8 @@ def summarise(rows: list[dict]) -> str:
         lines += ["", "Paired over seeds (same seed rows, same fine-tuning seed):", "",
                   "| budget | variant | − random | p | − LESS | p |", "|---|---|---|---|---|---|"]
         for b, v in product(budgets, [v for v in variants if v.startswith("distilled")]):
+            if not any(r["variant"] == v and r["budget"] == b for r in rs):
+                continue  # an ablation runs at 5 % only
             cmp = []
             for other in ("random", "less"):
                 diffs = _paired(rs, b, v, other)

@@ -117,8 +117,11 @@ def test_summary_pairs_seeds(quality):
             for s, acc in enumerate(accs)]
     rows.append({"setting": "A", "target": "t", "benchmark": "arc_easy", "budget": 0.05, "variant": "none",
                  "seed": None, "acc": 0.4})
+    rows.append({"setting": "A", "target": "t", "benchmark": "arc_easy", "budget": 0.1, "variant": "random",
+                 "seed": 0, "acc": 0.5})
     md = quality.summarise(rows)
-    assert "| distilled | 55.0 ± 5.0 |" in md and "| none | 40.0 |" in md
+    assert "| distilled | 55.0 ± 5.0 | - |" in md and "| none | 40.0 | 40.0 |" in md
+    assert "| 10 % | distilled |" not in md  # no distilled row at 10 %: nothing to pair
     line = next(ln for ln in md.splitlines() if ln.startswith("| 5 % | distilled |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[2] == "+5.0" and cells[4] == "+1.7"
