@@ -622,8 +622,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows += [r for r in unit_rows if not name or r["variant"].startswith("distilled-")]
         _write(results, plan, rows, started)
-    if not rows:  # only with --report-only: every unit lacks a stage it needs
-        print(f"quality.py: {plan.work} holds no finished unit of this plan; first missing: {plan.not_run[0]}",
+    if not rows:  # with --report-only: every unit lacks a stage it needs
+        first = plan.not_run[0] if plan.not_run else "no target or variant was asked for"
+        print(f"quality.py: {plan.work} holds no finished unit of this plan; first missing: {first}",
               file=sys.stderr)
         return 1
     command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
