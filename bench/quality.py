@@ -203,6 +203,16 @@ def once(plan: Plan, marker: Path, run: Callable[[], Any], label: str, key: dict
     return time.time() - start
 
 
+def once_if_held(plan: Plan, marker: Path, run: Callable[[], Any], label: str, key: dict) -> float | None:
+    """``once`` for a stage only some rows need (a variant, an evaluation): under ``--report-only``
+    a missing one is noted in ``plan.not_run`` and None returned, so the rest of the unit reports."""
+    try:
+        return once(plan, marker, run, label, key)
+    except NotRun as missing:
+        plan.not_run.append(str(missing))
+        return None
+
+
 def _write_record(record: Path, key: dict) -> None:
     from nacd.storage import write_json
 
@@ -301,13 +311,10 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
     for vname, fn, vdir in (("random", select_random, unit / "random"), ("less", select_less, unit / "less"),
                             ("full", lambda c, d, o: full_variant(d, o), root / "full")):
         if vname in wanted:
-            try:
-                walls[vname] = once(plan, vdir / "variant.json", lambda fn=fn, vdir=vdir: fn(cfg, dataset, vdir),
-                                    f"{tag}: {vname}", variant_keys[vname])
-            except NotRun as missing:
-                plan.not_run.append(str(missing))
-                continue
-            variants[vname] = vdir
+            wall = once_if_held(plan, vdir / "variant.json", lambda fn=fn, vdir=vdir: fn(cfg, dataset, vdir),
+                                f"{tag}: {vname}", variant_keys[vname])
+            if wall is not None:
+                walls[vname], variants[vname] = wall, vdir
     if "none" in wanted:
         variants["none"] = None
     rows = []
@@ -319,6 +326,8 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
         return [{**r, "stage_wall_s": walls, "distill_diagnostics": diagnostics}
                 for r in score_rows(out / "scores.json", {"setting": setting, "budget": budget, "seed": seed,
                                                           "variant": "distilled-no_projection"})]
+    # read once per variant, not once per target
+    text_sha256 = {v: training_text_sha256(d) for v, d in variants.items() if v.startswith("distilled")}
     for target, (vname, vdir) in product(cfg.evaluation.targets, variants.items()):
         if vname == "full" and plan.full_targets is not None and target not in plan.full_targets:
             continue
@@ -330,16 +339,15 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
         # keyed by the text it trains on: two distillations that project to the same text share one score.
         key = ({**stage_key(cfg, "evaluation.benchmarks", "evaluation.batch_size"), "target": target}
                if vname == "none" else
-               {**eval_key(target), "training_text_sha256": training_text_sha256(vdir)}
+               {**eval_key(target), "training_text_sha256": text_sha256[vname]}
                if vname.startswith("distilled") else {**variant_keys[vname], **eval_key(target)})
-        try:
-            walls[f"eval:{target}:{vname}"] = once(
-                plan, out / "scores.json",
-                lambda: reuse_twin(plan, unit / "scores", out, key) or evaluate(cfg, target, vname, vdir, out),
-                f"{tag}: evaluate {target} on {vname}", key)
-        except NotRun as missing:
-            plan.not_run.append(str(missing))
+        wall = once_if_held(
+            plan, out / "scores.json",
+            lambda: reuse_twin(plan, unit / "scores", out, key) or evaluate(cfg, target, vname, vdir, out),
+            f"{tag}: evaluate {target} on {vname}", key)
+        if wall is None:
             continue
+        walls[f"eval:{target}:{vname}"] = wall
         rows += score_rows(out / "scores.json", {"setting": setting, "budget": budget, "variant": vname,
                                                  "target": target, "seed": None if vname == "none" else seed})
     for row in rows:
