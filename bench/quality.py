@@ -17,7 +17,8 @@ already there, so a killed run resumes where it stopped and a rerun only aggrega
 config is recorded under ``<work>/.stage-configs/``; a finished stage made under another config
 stops the run with the keys that differ, so a stale folder never mixes into the results.
 ``--report-only`` runs no stage: it puts together what the ``--work`` folder holds for the plan and
-lists, in quality.md, every stage it lacks (so one command can report units run by several).
+lists, in quality.md, every stage it lacks (so one command can report units run by several);
+``--notes FILE`` appends a hand-written account of which commands made those stages.
 
     python bench/quality.py --scale small --data-dir ../shared/data   # CPU, reduced
     bench/quality_gpu.sh OUT_DIR                                       # one H200, --scale full
@@ -30,8 +31,8 @@ Gemma 3 270M; the full-data variant 12 min on SmolLM2. ``--scale small --only-se
 0.05 --seeds 0,1,2 --full-seeds 0 --targets smollm2-135m-instruct`` therefore takes about 75 min
 from nothing. Setting B (363-row pool, SmolLM2 only, no full data) took 57 min for one seed: experts
 2 x 3.5 min, distill 7, LESS 7, and 9.3 min per evaluation (ARC-Easy 2.2, all 1531 MMLU val
-questions 7). The latest results are in ``bench/results/quality.md`` (its last line is the
-command; stages done by earlier commands in the same ``--work`` folder are reused).
+questions 7). The latest results are in ``bench/results/quality.md``: its command line, then the
+notes in ``bench/results/quality-notes.md`` on the earlier commands whose stages it reused.
 """
 from __future__ import annotations
 
@@ -124,6 +125,7 @@ class Plan:
     adopt_unrecorded: bool = False  # reuse stages that predate config records (see once)
     report_only: bool = False  # run no stage: report what the --work folder holds (see NotRun)
     not_run: list[str] = field(default_factory=list)  # with report_only: the stages it lacks
+    notes: str = ""  # Markdown appended to quality.md: where the reported stages came from
 
 
 def setting_config(plan: Plan, setting: str, budget: float, seed: int, extra: list[str] = ()):
@@ -584,14 +586,20 @@ def parse_args(argv: list[str] | None = None) -> Plan:
                     help="run no stage: put together what the --work folder holds and list what it lacks")
     ap.add_argument("--set", action="append", default=[], dest="overrides",
                     help="config override applied to every unit, e.g. evaluation.benchmarks.0.limit=100")
+    ap.add_argument("--notes", type=Path, default=None,
+                    help="Markdown file appended to quality.md, e.g. which earlier commands made the stages "
+                         "a --report-only run puts together (bench/results/quality-notes.md)")
     a = ap.parse_args(argv)
+    if a.notes is not None and not a.notes.is_file():  # before any stage runs, not after hours of them
+        raise SystemExit(f"quality.py: --notes {a.notes}: no such file")
     return Plan(scale=a.scale, settings=a.settings or sorted(SETTINGS),
                 budgets=[float(b) for b in a.budgets.split(",")], seeds=[int(s) for s in a.seeds.split(",")],
                 targets=a.targets.split(","), ablations=_ablations(a.ablations), out=a.out,
                 work=a.work or a.out / f"work-{a.scale}", data_dir=a.data_dir, overrides=a.overrides,
                 full_seeds=[int(s) for s in a.full_seeds.split(",")] if a.full_seeds else None,
                 full_targets=a.full_targets.split(",") if a.full_targets else None,
-                adopt_unrecorded=a.adopt_unrecorded, report_only=a.report_only)
+                adopt_unrecorded=a.adopt_unrecorded, report_only=a.report_only,
+                notes=a.notes.read_text() if a.notes else "")
 
 
 def _ablations(spec: str) -> list[Ablation]:
@@ -636,8 +644,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    (plan.out / "quality.md").write_text(summarise(rows) + not_run_section(plan.not_run) + f"\nCommand: `{command}`; "
-                                         f"wall time {time.time() - started:.0f} s (stages already done are skipped).\n")
+    report = (summarise(rows) + not_run_section(plan.not_run) + f"\nCommand: `{command}`; "
+              f"wall time {time.time() - started:.0f} s (stages already done are skipped).\n")
+    _write_text(plan.out / "quality.md", report + (f"\n{plan.notes.rstrip()}\n" if plan.notes else ""))
     plot(rows, plan.out / "quality.png")
     print((plan.out / "quality.md").read_text())
     print(f"[quality] wrote {results}, quality.md and quality.png in {time.time() - started:.0f} s")
@@ -647,8 +656,12 @@ def main(argv: list[str] | None = None) -> int:
 def _write(path: Path, plan: Plan, rows: list[dict], started: float) -> None:
     doc = {"scale": plan.scale, "settings": plan.settings, "budgets": plan.budgets, "seeds": plan.seeds,
            "targets": plan.targets, "wall_s": round(time.time() - started, 1), "rows": rows}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    _write_text(path, json.dumps(doc, indent=1, default=str))
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")  # a killed run leaves the previous file whole
+    tmp.write_text(text)
     tmp.replace(path)
 
 

@@ -164,6 +164,22 @@ def test_report_only_on_an_empty_work_folder_fails_and_writes_nothing(quality, t
     assert not (tmp_path / "quality.md").exists() and not (tmp_path / "quality.json").exists()
 
 
+def test_notes_follow_the_report_and_a_missing_notes_file_stops_before_any_stage(quality, tmp_path, monkeypatch):
+    args = ["--only-setting", "A", "--budgets", "0.05", "--seeds", "0,1", "--targets", "t", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--notes .*absent.md: no such file"):
+        quality.main([*args, "--notes", str(tmp_path / "absent.md")])
+    assert list(tmp_path.iterdir()) == []
+    notes = tmp_path / "notes.md"
+    notes.write_text("Provenance. Seed 1 ran on another day.\n\n")
+    monkeypatch.setattr(quality, "run_unit", lambda plan, setting, budget, seed, name, extra: [
+        {"setting": setting, "target": "t", "benchmark": "arc_easy", "budget": budget, "variant": v, "seed": seed,
+         "acc": acc + seed / 100} for v, acc in (("distilled", 0.55), ("random", 0.5), ("less", 0.52))])
+    assert quality.main([*args, "--notes", str(notes)]) == 0
+    md = (tmp_path / "quality.md").read_text()
+    assert md.index("| distilled | 55.5 ± 0.7 |") < md.index("\nCommand: `") < md.index("Provenance. Seed 1")
+    assert md.endswith("another day.\n") and not list(tmp_path.glob(".*.tmp"))
+
+
 def test_ablation_specs(quality):
     beta0, p4 = quality._ablations("beta0,P4@0+2/smollm2-135m-instruct")
     assert beta0 == quality.Ablation("beta0") and p4 == quality.Ablation("P4", [0, 2], ["smollm2-135m-instruct"])
