@@ -620,6 +620,8 @@ def _ablations(spec: str) -> list[Ablation]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nacd.storage import write_bytes  # atomic: a killed run leaves the previous report whole
+
     plan = parse_args(argv)
     plan.out.mkdir(parents=True, exist_ok=True)
     results = plan.out / "quality.json"
@@ -645,24 +647,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = (summarise(rows) + not_run_section(plan.not_run) + f"\nCommand: `{command}`; "
-              f"wall time {time.time() - started:.0f} s (stages already done are skipped).\n")
-    _write_text(plan.out / "quality.md", report + (f"\n{plan.notes.rstrip()}\n" if plan.notes else ""))
+              f"wall time {time.time() - started:.0f} s (stages already done are skipped).\n"
+              + (f"\n{plan.notes.rstrip()}\n" if plan.notes else ""))
+    write_bytes(str(plan.out / "quality.md"), report.encode())
     plot(rows, plan.out / "quality.png")
-    print((plan.out / "quality.md").read_text())
+    print(report)
     print(f"[quality] wrote {results}, quality.md and quality.png in {time.time() - started:.0f} s")
     return 0
 
 
 def _write(path: Path, plan: Plan, rows: list[dict], started: float) -> None:
+    from nacd.storage import write_bytes
+
     doc = {"scale": plan.scale, "settings": plan.settings, "budgets": plan.budgets, "seeds": plan.seeds,
            "targets": plan.targets, "wall_s": round(time.time() - started, 1), "rows": rows}
-    _write_text(path, json.dumps(doc, indent=1, default=str))
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # a killed run leaves the previous file whole
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_bytes(str(path), json.dumps(doc, indent=1, default=str).encode())
 
 
 if __name__ == "__main__":
