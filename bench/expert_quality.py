@@ -9,6 +9,9 @@ matches. This scores the source model at chosen checkpoints of an expert trained
 
     python bench/expert_quality.py --work bench/results/work-small-st --setting A --data-dir ../shared/data
 
+``--ablation NAME`` scores the experts of an ablation that trains its own (one that sets
+``experts.*``, e.g. ``straight_through_expert_lr_2e-1``), into ``expert_quality-NAME.{json,md}``.
+
 By default it scores checkpoint 0 (the LoRA init: the model itself), the farthest checkpoint a
 distillation target can be (``distill.max_start - 1 + distill.expert_epochs``) and the last one.
 One evaluation on the 570 ARC-Easy validation questions takes about 2.5 min on 2 CPU cores.
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, required=True, help="the --work folder of bench/quality.py")
     ap.add_argument("--scale", choices=["small", "full"], default="small")
     ap.add_argument("--setting", choices=sorted(quality.SETTINGS), default="A")
-    ap.add_argument("--trajectories", default="trajectories", help="the store folder under <work>/<setting>")
+    ap.add_argument("--ablation", default="", choices=["", *quality.ABLATIONS],
+                    help="score the experts an ablation of bench/quality.py trained (one that sets experts.*)")
     ap.add_argument("--experts", default="0", help="comma list of expert indices")
     ap.add_argument("--checkpoints", default="0,matched,last")
     ap.add_argument("--data-dir", default=None)
@@ -56,8 +60,12 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = quality.parse_args(["--scale", a.scale, "--work", str(a.work), "--out", str(a.out)]
                               + (["--data-dir", a.data_dir] if a.data_dir else []))
-    cfg = quality.setting_config(plan, a.setting, 0.05, 0)
-    store = str(a.work / a.setting / a.trajectories)
+    overrides = quality.ABLATIONS[a.ablation] if a.ablation else []
+    if a.ablation and not any(o.startswith("experts.") for o in overrides):
+        raise SystemExit(f"expert_quality.py: ablation {a.ablation!r} shares the setting's experts; leave it out")
+    cfg = quality.setting_config(plan, a.setting, 0.05, 0, overrides)
+    store = str(a.work / a.setting / (f"trajectories-{a.ablation}" if a.ablation else "trajectories"))
+    stem = f"expert_quality-{a.ablation}" if a.ablation else "expert_quality"
     rows = []
     for expert in (int(e) for e in a.experts.split(",")):
         trajectory = open_store(store).expert(expert)
@@ -72,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     doc = {"experts": cfg.experts.model_dump(mode="json"), "distill": cfg.distill.model_dump(mode="json"),
            "store": store, "rows": rows}
-    (a.out / "expert_quality.json").write_text(json.dumps(doc, indent=1))
+    (a.out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
     lines = ["# Expert checkpoints scored like a target", "",
              f"Setting {a.setting}, store `{store}`; SGD lr {cfg.experts.lr}, a checkpoint every "
              f"{cfg.experts.save_every} steps; distillation targets reach checkpoint "
@@ -81,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r['expert']} | {r['checkpoint']} | {r['step']} | {r['examples_seen']} | {r['benchmark']} | "
               f"{r['n']} | {100 * r['acc']:.1f} |" for r in rows]
     command = "python bench/expert_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    (a.out / "expert_quality.md").write_text("\n".join(lines) + f"\n\nCommand: `{command}`\n")
+    (a.out / f"{stem}.md").write_text("\n".join(lines) + f"\n\nCommand: `{command}`\n")
     print("\n".join(lines))
     return 0
 

@@ -92,6 +92,10 @@ ABLATIONS: dict[str, list[str]] = {
     # starts drawn along the whole expert path: scored like a target, expert 0 of setting A is at
     # 52.3 -> 51.8 % over the first 12 steps (all the default max_start reaches) and 54.9 % at the end
     "straight_through_start45": STRAIGHT_THROUGH + ["distill.max_start=45"],
+    # experts that learn within the matched stretch: at SGD lr 0.05 expert 0 of setting A is at
+    # 52.3 -> 51.8 % over the first 12 steps; 4x the lr covers 48 steps' worth of that path there
+    # (alpha follows the expert's lr: N = 4 student steps cover M = 2 checkpoints of 2 steps)
+    "straight_through_expert_lr_2e-1": STRAIGHT_THROUGH + ["experts.lr=0.2", "distill.init_alpha=0.2"],
     # distillation may rewrite the seed's instruction tokens too, not only an 8-token prefix
     "straight_through_instruction": STRAIGHT_THROUGH + ["distill.learnable_instruction=true"],
     "no_projection": [],

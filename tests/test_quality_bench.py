@@ -200,6 +200,16 @@ def test_every_ablation_builds_a_valid_config(quality, tmp_path):
     assert twin.prompt_len == 16 and twin.model_copy(update={"prompt_len": base.prompt_len}) == base
 
 
+def test_expert_quality_scores_only_an_ablation_with_its_own_experts(tmp_path):
+    spec = importlib.util.spec_from_file_location("expert_quality_bench", REPO / "bench" / "expert_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # a distill-only ablation trains no experts of its own: scoring "its" experts would score the setting's
+    with pytest.raises(SystemExit, match="'straight_through_beta0' shares the setting's experts"):
+        module.main(["--work", str(tmp_path), "--ablation", "straight_through_beta0", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_training_text_hash_sees_only_prompt_and_response(quality, tmp_path):
     from nacd.data.variants import write_variant
 
