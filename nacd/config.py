@@ -114,7 +114,10 @@ class DistillConfig(Section):
     init_std: float = Field(0.02, gt=0)  # for init=gaussian
     syn_steps: int = Field(4, gt=0)  # N student steps
     expert_epochs: int = Field(2, gt=0)  # M: checkpoints between start and target
-    max_start: int = Field(4, gt=0)  # start checkpoint t < max_start
+    # start checkpoint min_start <= t < max_start; a late range matches where the expert still learns
+    # (DATM, Guo et al. 2024: later segments for larger budgets)
+    min_start: int = Field(0, ge=0)
+    max_start: int = Field(4, gt=0)
     batch_syn: int = Field(4, gt=0)  # synthetic samples per student step
     iterations: int = Field(50, gt=0)
     lr_embeddings: float = Field(1e-3, gt=0)

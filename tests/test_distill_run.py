@@ -138,6 +138,19 @@ def test_resume_after_interruption_is_bit_identical(tiny_env, tmp_path):
     assert len({(h["expert"], h["start"]) for h in a["history"]}) > 1
 
 
+def test_starts_are_drawn_from_min_start_up_to_max_start(tiny_env):
+    late = tiny_loop(tiny_env, tiny_cfg(min_start=1, max_start=2))
+    assert {late.draw()[1] for _ in range(20)} == {1}
+    # min_start 0 keeps the draws of the loop before min_start existed: one randint below max_start
+    plain = tiny_loop(tiny_env, tiny_cfg())
+    g = torch.Generator().manual_seed(tiny_cfg().distill.seed)
+    for _ in range(10):
+        e, t, schedule = plain.draw()
+        assert e == int(torch.randint(2, (1,), generator=g)) and t == int(torch.randint(2, (1,), generator=g))
+        for batch in schedule:
+            assert torch.equal(batch, torch.randperm(4, generator=g)[:2])
+
+
 def test_stage_resumes_to_the_same_synthetic_set(tiny_env, tmp_path):
     env = tiny_env
     summary = distill(tiny_cfg(iterations=2), env["dataset"], env["seeds"], env["store"], tmp_path / "x",
@@ -232,6 +245,7 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_env, tmp_path):
     (empty / "seeds.json").write_text(json.dumps({"indices": []}))
     refused(tiny_cfg(), seeds=empty, match="empty")
     refused(tiny_cfg(max_start=3), match=r"has 4 checkpoints .* need checkpoint 4")
+    refused(tiny_cfg(min_start=2), match=r"distill.min_start=2 leaves no start checkpoint below distill.max_start=2")
     refused(tiny_cfg(), store=str(tmp_path / "no-store"), match="no committed expert")
     # experts of another parameter space (LoRA r=4) and of another model
     other = str(tmp_path / "other")

@@ -50,6 +50,17 @@ def test_once_reuses_only_under_the_recorded_key(quality, tmp_path):
     assert calls == [1]  # a mismatch never reruns over the old output either
 
 
+def test_a_record_from_before_an_added_field_means_its_neutral_value(quality, tmp_path):
+    plan, marker, calls = _plan(quality, tmp_path), tmp_path / "A" / "stage" / "done.json", []
+    quality.once(plan, marker, _stage(marker, calls), "stage", {"distill": {"beta": 0.1}})  # no min_start
+    assert quality.once(plan, marker, _stage(marker, calls), "stage",
+                        {"distill": {"beta": 0.1, "min_start": 0}}) == 0.0 and calls == [1]
+    with pytest.raises(quality.StaleWork, match=r"distill\.min_start: 0 -> 30"):
+        quality.once(plan, marker, _stage(marker, calls), "stage", {"distill": {"beta": 0.1, "min_start": 30}})
+    # a key without the field's section gains nothing
+    assert quality.with_added_fields({"experts": {"lr": 0.05}}) == {"experts": {"lr": 0.05}}
+
+
 def test_once_refuses_unrecorded_output_unless_adopted(quality, tmp_path):
     marker, calls = tmp_path / "A" / "old" / "done.json", []
     _stage(marker, calls)()  # a stage from before records existed

@@ -1,6 +1,6 @@
 """The outer loop (trajectory matching) and the ``distill`` stage.
 
-Per iteration: draw an expert and a start checkpoint t < max_start, build the minibatch schedule
+Per iteration: draw an expert and a start checkpoint min_start <= t < max_start, build the minibatch schedule
 (N index tensors), compute the gradient of L = L_match + beta * L_reg with the configured mode,
 and take one optimizer step on the embeddings (lr_embeddings) and one on log_alpha (lr_alpha).
 All randomness comes from one ``torch.Generator`` seeded with ``distill.seed``, so a run is
@@ -74,6 +74,9 @@ def check_experts(experts: Sequence[Trajectory], space: ParamSpace, cfg: Distill
         raise DistillError(f"distill.expert_epochs (M) must be > 0, got {cfg.expert_epochs}")
     if cfg.max_start <= 0:
         raise DistillError(f"distill.max_start must be > 0, got {cfg.max_start}")
+    if not 0 <= cfg.min_start < cfg.max_start:
+        raise DistillError(f"distill.min_start={cfg.min_start} leaves no start checkpoint below "
+                           f"distill.max_start={cfg.max_start}")
     for traj in experts:
         manifest = traj.manifest
         if "param_space" not in manifest:
@@ -178,7 +181,8 @@ class Distiller:
         """(expert index, start checkpoint, minibatch schedule) from the loop's generator."""
         cfg, g = self.cfg, self.generator
         e = int(torch.randint(len(self.experts), (1,), generator=g))
-        t = int(torch.randint(cfg.max_start, (1,), generator=g))
+        # min_start 0 draws exactly what the loop drew before min_start existed
+        t = cfg.min_start + int(torch.randint(cfg.max_start - cfg.min_start, (1,), generator=g))
         k = self.syn.num_samples
         batch = min(cfg.batch_syn, k)
         schedule = [torch.randperm(k, generator=g)[:batch] for _ in range(cfg.syn_steps)]
