@@ -11,6 +11,7 @@ matches. This scores the source model at chosen checkpoints of an expert trained
 
 ``--ablation NAME`` scores the experts of an ablation that trains its own (one that sets
 ``experts.*``, e.g. ``straight_through_expert_lr_2e-1``), into ``expert_quality-NAME.{json,md}``.
+``--combine A.json B.json`` scores nothing and joins earlier runs on the same store into one table.
 
 By default it scores checkpoint 0 (the LoRA init: the model itself), the farthest checkpoint a
 distillation target can be (``distill.max_start - 1 + distill.expert_epochs``) and the last one.
@@ -51,12 +52,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="score the experts an ablation of bench/quality.py trained (one that sets experts.*)")
     ap.add_argument("--experts", default="0", help="comma list of expert indices")
     ap.add_argument("--checkpoints", default="0,matched,last")
+    ap.add_argument("--combine", type=Path, nargs="+", default=[], metavar="JSON",
+                    help="score nothing: join earlier runs' expert_quality JSON files of this store into one table")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     a = ap.parse_args(argv)
-
-    from nacd.evaluation.run import load_expert_checkpoint, score_benchmarks
-    from nacd.trajectories import open_store
 
     plan = quality.parse_args(["--scale", a.scale, "--work", str(a.work), "--out", str(a.out)]
                               + (["--data-dir", a.data_dir] if a.data_dir else []))
@@ -65,33 +65,70 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"expert_quality.py: ablation {a.ablation!r} shares the setting's experts; leave it out")
     cfg = quality.setting_config(plan, a.setting, 0.05, 0, overrides)
     store = str(a.work / a.setting / (f"trajectories-{a.ablation}" if a.ablation else "trajectories"))
-    stem = f"expert_quality-{a.ablation}" if a.ablation else "expert_quality"
+    command = "python bench/expert_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    doc = {"setting": a.setting, "experts": cfg.experts.model_dump(mode="json"),
+           "distill": cfg.distill.model_dump(mode="json"), "store": store, "commands": [command]}
+    if a.combine:
+        doc = combine(doc, a.combine)
+    else:
+        doc["rows"] = score(cfg, a.setting, store, [int(e) for e in a.experts.split(",")], a.checkpoints)
+    write_report(doc, a.out, f"expert_quality-{a.ablation}" if a.ablation else "expert_quality")
+    return 0
+
+
+def score(cfg, setting: str, store: str, experts: list[int], checkpoints: str) -> list[dict]:
+    """One row per (expert, checkpoint, benchmark): the source model with that checkpoint's LoRA."""
+    from nacd.evaluation.run import load_expert_checkpoint, score_benchmarks
+    from nacd.trajectories import open_store
+
     rows = []
-    for expert in (int(e) for e in a.experts.split(",")):
+    for expert in experts:
         trajectory = open_store(store).expert(expert)
-        for index in checkpoint_indices(a.checkpoints, cfg, len(trajectory)):
+        for index in checkpoint_indices(checkpoints, cfg, len(trajectory)):
             start = time.time()
             model, tokenizer, step = load_expert_checkpoint(cfg, store, expert, index)
             for result in score_benchmarks(model, tokenizer, cfg):
-                rows.append({"setting": a.setting, "expert": expert, "checkpoint": index, "step": step,
+                rows.append({"setting": setting, "expert": expert, "checkpoint": index, "step": step,
                              "examples_seen": step * cfg.experts.micro_batch * cfg.experts.grad_accum,
                              **result, "wall_s": round(time.time() - start, 1)})
                 print(json.dumps(rows[-1]), flush=True)
-    a.out.mkdir(parents=True, exist_ok=True)
-    doc = {"experts": cfg.experts.model_dump(mode="json"), "distill": cfg.distill.model_dump(mode="json"),
-           "store": store, "rows": rows}
-    (a.out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
+    return rows
+
+
+def combine(doc: dict, paths: list[Path]) -> dict:
+    """``doc`` (this invocation: store, configs, command) with the rows of earlier runs on the same
+    store and configs; a checkpoint scored twice keeps the later file's row."""
+    rows: dict[tuple, dict] = {}
+    commands: list[str] = []
+    for path in paths:
+        earlier = json.loads(path.read_text())
+        for field in ("store", "experts", "distill"):
+            # a file from before a config field existed was made with its neutral value
+            if quality.with_added_fields({field: earlier.get(field)}) != quality.with_added_fields({field: doc[field]}):
+                raise SystemExit(f"expert_quality.py: {path}: '{field}' differs from this store's "
+                                 f"({earlier.get(field)!r} vs {doc[field]!r}); combine runs of one store only")
+        commands += earlier.get("commands", [])
+        rows.update({(r["expert"], r["checkpoint"], r["benchmark"]): r for r in earlier["rows"]})
+    return {**doc, "commands": commands + doc["commands"], "rows": [rows[k] for k in sorted(rows)]}
+
+
+def write_report(doc: dict, out: Path, stem: str) -> None:
+    """``<out>/<stem>.json`` and ``.md`` (the table, then every command that made its rows)."""
+    from nacd.storage import write_bytes
+
+    experts, distill = doc["experts"], doc["distill"]
     lines = ["# Expert checkpoints scored like a target", "",
-             f"Setting {a.setting}, store `{store}`; SGD lr {cfg.experts.lr}, a checkpoint every "
-             f"{cfg.experts.save_every} steps; distillation targets reach checkpoint "
-             f"{cfg.distill.max_start - 1 + cfg.distill.expert_epochs} at most.", "",
+             f"Setting {doc['setting']}, store `{doc['store']}`; SGD lr {experts['lr']}, a checkpoint every "
+             f"{experts['save_every']} steps; distillation targets reach checkpoint "
+             f"{distill['max_start'] - 1 + distill['expert_epochs']} at most.", "",
              "| expert | checkpoint | step | examples seen | benchmark | n | acc (%) |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['expert']} | {r['checkpoint']} | {r['step']} | {r['examples_seen']} | {r['benchmark']} | "
-              f"{r['n']} | {100 * r['acc']:.1f} |" for r in rows]
-    command = "python bench/expert_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    (a.out / f"{stem}.md").write_text("\n".join(lines) + f"\n\nCommand: `{command}`\n")
+              f"{r['n']} | {100 * r['acc']:.1f} |" for r in doc["rows"]]
+    lines += ["", "Commands:", *[f"- `{c}`" for c in doc["commands"]]]
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes(str(out / f"{stem}.json"), json.dumps(doc, indent=1).encode())
+    write_bytes(str(out / f"{stem}.md"), ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":

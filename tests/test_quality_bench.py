@@ -26,6 +26,14 @@ def quality():
     return module
 
 
+@pytest.fixture(scope="module")
+def expert_quality():
+    spec = importlib.util.spec_from_file_location("expert_quality_bench", REPO / "bench" / "expert_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _plan(quality, work: Path, adopt: bool = False):
     return quality.Plan(scale="small", settings=["A"], budgets=[0.05], seeds=[0], targets=["t"], ablations=[],
                         out=work, work=work, data_dir=None, adopt_unrecorded=adopt)
@@ -211,14 +219,38 @@ def test_every_ablation_builds_a_valid_config(quality, tmp_path):
     assert twin.prompt_len == 16 and twin.model_copy(update={"prompt_len": base.prompt_len}) == base
 
 
-def test_expert_quality_scores_only_an_ablation_with_its_own_experts(tmp_path):
-    spec = importlib.util.spec_from_file_location("expert_quality_bench", REPO / "bench" / "expert_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_expert_quality_scores_only_an_ablation_with_its_own_experts(expert_quality, tmp_path):
+    module = expert_quality
     # a distill-only ablation trains no experts of its own: scoring "its" experts would score the setting's
     with pytest.raises(SystemExit, match="'straight_through_beta0' shares the setting's experts"):
         module.main(["--work", str(tmp_path), "--ablation", "straight_through_beta0", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_expert_quality_combines_runs_of_one_store_only(expert_quality, tmp_path):
+    module = expert_quality
+    work, out = tmp_path / "work", tmp_path / "out"
+    plan = module.quality.parse_args(["--scale", "small", "--work", str(work), "--out", str(out)])
+    cfg = module.quality.setting_config(plan, "A", 0.05, 0)
+    doc = {"store": str(work / "A" / "trajectories"), "experts": cfg.experts.model_dump(mode="json"),
+           "distill": cfg.distill.model_dump(mode="json")}
+    doc["distill"].pop("min_start")  # written before the field existed
+
+    def row(checkpoint, acc):
+        return {"expert": 0, "checkpoint": checkpoint, "step": 2 * checkpoint, "examples_seen": 8 * checkpoint,
+                "benchmark": "arc_easy", "n": 570, "acc": acc}
+
+    (tmp_path / "a.json").write_text(json.dumps({**doc, "commands": ["first"], "rows": [row(49, 0.5), row(0, 0.4)]}))
+    (tmp_path / "b.json").write_text(json.dumps({**doc, "rows": [row(12, 0.45), row(49, 0.55)]}))
+    module.main(["--work", str(work), "--out", str(out), "--combine", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    combined = json.loads((out / "expert_quality.json").read_text())
+    assert [(r["checkpoint"], r["acc"]) for r in combined["rows"]] == [(0, 0.4), (12, 0.45), (49, 0.55)]
+    assert combined["commands"][0] == "first" and "--combine" in combined["commands"][-1]
+    assert "| 0 | 12 | 24 | 96 | arc_easy | 570 | 45.0 |" in (out / "expert_quality.md").read_text()
+    (tmp_path / "c.json").write_text(json.dumps({**doc, "store": "elsewhere", "rows": []}))
+    with pytest.raises(SystemExit, match=r"c\.json: 'store' differs"):
+        module.main(["--work", str(work), "--out", str(tmp_path / "out2"), "--combine", str(tmp_path / "c.json")])
+    assert not (tmp_path / "out2").exists()
 
 
 def test_training_text_hash_sees_only_prompt_and_response(quality, tmp_path):
