@@ -220,18 +220,16 @@ def test_every_ablation_builds_a_valid_config(quality, tmp_path):
 
 
 def test_expert_quality_scores_only_an_ablation_with_its_own_experts(expert_quality, tmp_path):
-    module = expert_quality
     # a distill-only ablation trains no experts of its own: scoring "its" experts would score the setting's
     with pytest.raises(SystemExit, match="'straight_through_beta0' shares the setting's experts"):
-        module.main(["--work", str(tmp_path), "--ablation", "straight_through_beta0", "--out", str(tmp_path / "out")])
+        expert_quality.main(["--work", str(tmp_path), "--ablation", "straight_through_beta0", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
 def test_expert_quality_combines_runs_of_one_store_only(expert_quality, tmp_path):
-    module = expert_quality
     work, out = tmp_path / "work", tmp_path / "out"
-    plan = module.quality.parse_args(["--scale", "small", "--work", str(work), "--out", str(out)])
-    cfg = module.quality.setting_config(plan, "A", 0.05, 0)
+    plan = expert_quality.quality.parse_args(["--scale", "small", "--work", str(work), "--out", str(out)])
+    cfg = expert_quality.quality.setting_config(plan, "A", 0.05, 0)
     doc = {"store": str(work / "A" / "trajectories"), "experts": cfg.experts.model_dump(mode="json"),
            "distill": cfg.distill.model_dump(mode="json")}
     doc["distill"].pop("min_start")  # written before the field existed
@@ -242,14 +240,14 @@ def test_expert_quality_combines_runs_of_one_store_only(expert_quality, tmp_path
 
     (tmp_path / "a.json").write_text(json.dumps({**doc, "commands": ["first"], "rows": [row(49, 0.5), row(0, 0.4)]}))
     (tmp_path / "b.json").write_text(json.dumps({**doc, "rows": [row(12, 0.45), row(49, 0.55)]}))
-    module.main(["--work", str(work), "--out", str(out), "--combine", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    expert_quality.main(["--work", str(work), "--out", str(out), "--combine", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     combined = json.loads((out / "expert_quality.json").read_text())
     assert [(r["checkpoint"], r["acc"]) for r in combined["rows"]] == [(0, 0.4), (12, 0.45), (49, 0.55)]
     assert combined["commands"][0] == "first" and "--combine" in combined["commands"][-1]
     assert "| 0 | 12 | 24 | 96 | arc_easy | 570 | 45.0 |" in (out / "expert_quality.md").read_text()
     (tmp_path / "c.json").write_text(json.dumps({**doc, "store": "elsewhere", "rows": []}))
     with pytest.raises(SystemExit, match=r"c\.json: 'store' differs"):
-        module.main(["--work", str(work), "--out", str(tmp_path / "out2"), "--combine", str(tmp_path / "c.json")])
+        expert_quality.main(["--work", str(work), "--out", str(tmp_path / "out2"), "--combine", str(tmp_path / "c.json")])
     assert not (tmp_path / "out2").exists()
 
 
