@@ -215,9 +215,10 @@ def once(plan: Plan, marker: Path, run: Callable[[], Any], label: str, key: dict
         if recorded is None and not plan.adopt_unrecorded:
             raise StaleWork(f"quality.py: {marker.parent} has no config record (made before records "
                             f"existed?): delete it, or pass --adopt-unrecorded if it was made with this config")
-        if recorded is not None and with_added_fields(recorded) != with_added_fields(key):
+        then, now = (None, None) if recorded is None else (with_added_fields(recorded), with_added_fields(key))
+        if then != now:
             raise StaleWork(f"quality.py: {marker.parent} was made with another config; "
-                            + "; ".join(key_differences(with_added_fields(recorded), with_added_fields(key)))
+                            + "; ".join(key_differences(then, now))
                             + ". Delete it or use another --work folder.")
         if recorded is None:
             _write_record(record, key)
