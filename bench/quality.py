@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import shutil
@@ -565,6 +566,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from nacd.storage import write_bytes
+
     panels = sorted({(r["setting"], r["target"], r["benchmark"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, (setting, target, bench) in zip(axes[0], panels):
@@ -584,7 +587,10 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set(title=f"{setting} · {target} · {bench}", xlabel="budget (% of pool)", ylabel="accuracy (%)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()  # rendered in memory so that a crash mid-render leaves the old plot whole
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    write_bytes(str(path), png.getbuffer())
 
 
 # --------------------------------------------------------------------------- main

@@ -277,3 +277,22 @@ def test_gpu_script_checks_its_inputs_and_logs_under_out(tmp_path):
     assert report.returncode == 1
     log = (out / "quality.log").read_text()
     assert f"{out / 'work'} holds no finished unit" in log and "A budget=0.05 seed=0: prepare" in log
+
+
+def test_the_plot_replaces_the_old_one_whole_or_not_at_all(quality, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    rows = [{"setting": "A", "target": "t", "benchmark": "arc_easy", "budget": b, "variant": v, "seed": s,
+             "acc": 0.5 + 0.01 * s} for b in (0.01, 0.05) for v in ("distilled", "random", "less") for s in (0, 1)]
+    path = tmp_path / "quality.png"
+    path.write_bytes(b"old plot")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed mid-render")
+    with monkeypatch.context() as patched:
+        patched.setattr(Figure, "savefig", crash)
+        with pytest.raises(RuntimeError, match="mid-render"):
+            quality.plot(rows, path)
+    assert path.read_bytes() == b"old plot" and [p.name for p in tmp_path.iterdir()] == ["quality.png"]
+    quality.plot(rows, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in tmp_path.iterdir()] == ["quality.png"]
