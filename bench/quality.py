@@ -179,15 +179,21 @@ def stage_key(cfg, *paths: str, **extra: Any) -> dict:
 
 
 # Config fields added after stage records were first written, each with the value that behaves as
-# the code did before it: a record that lacks one was made with that value.
-ADDED_FIELDS: dict[str, Any] = {"distill.min_start": 0}
+# the code did before it: a record that lacks one was made with that value. At 2 GiB every scoring
+# recorded before max_logits_gib ran at its batch_size of 8 (SmolLM2 on both benchmarks needs at
+# most 1.2 GiB, Gemma 3 on ARC-Easy 0.8); only Gemma 3 on MMLU (6.2 GiB) shrinks, and it had none.
+ADDED_FIELDS: dict[str, Any] = {"distill.min_start": 0, "evaluation.max_logits_gib": 2.0}
 
 
 def with_added_fields(key: dict) -> dict:
-    """A stage key with every ADDED_FIELDS leaf it lacks filled in, where its section is."""
+    """A stage key with every ADDED_FIELDS leaf it lacks filled in, where its section is: nested
+    (``{"distill": {...}}``) or beside the section's other dotted parts (``"evaluation.batch_size"``)."""
     filled = json.loads(json.dumps(key))
     for dotted, value in ADDED_FIELDS.items():
         *sections, leaf = dotted.split(".")
+        if any(k.startswith(".".join(sections) + ".") for k in filled):
+            filled.setdefault(dotted, value)
+            continue
         node: Any = filled
         for section in sections:
             node = node.get(section) if isinstance(node, dict) else None
@@ -314,7 +320,7 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
                     "less": {**prepared_key, **stage_key(cfg, "budget", "source", "selection")},
                     "full": prepared_key}
     def eval_key(target: str) -> dict:  # the recipe this target is fine-tuned with, the benchmarks
-        return {**stage_key(cfg, "evaluation.benchmarks", "evaluation.batch_size"), "target": target,
+        return {**stage_key(cfg, "evaluation.benchmarks", "evaluation.batch_size", "evaluation.max_logits_gib"), "target": target,
                 "evaluation.finetune": cfg.evaluation.finetune_for(target).model_dump(mode="json")}
     # Shared by all budgets and seeds of a setting: the pool and the expert trajectories.
     walls["prepare"] = once(plan, dataset / "prepare.json", lambda: prepare_data(cfg, dataset),
@@ -367,7 +373,7 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
         out = where / target
         # none is not fine-tuned: only the benchmarks and the target matter. A distilled variant is
         # keyed by the text it trains on: two distillations that project to the same text share one score.
-        key = ({**stage_key(cfg, "evaluation.benchmarks", "evaluation.batch_size"), "target": target}
+        key = ({**stage_key(cfg, "evaluation.benchmarks", "evaluation.batch_size", "evaluation.max_logits_gib"), "target": target}
                if vname == "none" else
                {**eval_key(target), "training_text_sha256": text_sha256[vname]}
                if vname.startswith("distilled") else {**variant_keys[vname], **eval_key(target)})

@@ -286,7 +286,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_model(model=args.model, adapter=args.adapter, benchmark=args.benchmark,
                             split=args.split, data_dir=args.data_dir, shots=args.shots,
-                            limit=args.limit, batch_size=args.batch_size, json_out=args.json)
+                            limit=args.limit, batch_size=args.batch_size, json_out=args.json,
+                            max_logits_gib=args.max_logits_gib)
     acc = result.get("acc") if isinstance(result, dict) else None
     print(f"{args.benchmark} {args.split}: acc = {acc:.4f}" if isinstance(acc, float)
           else json.dumps(result, indent=2, default=str))
@@ -393,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shots", type=int, default=0)
     e.add_argument("--limit", type=int)
     e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-logits-gib", type=float, default=2.0,
+                   help="shrink the batch where its logits would take more (large vocabularies, long prompts)")
     e.add_argument("--json", help="write the result JSON here")
     e.set_defaults(func=cmd_evaluate)
 

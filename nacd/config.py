@@ -206,6 +206,9 @@ class EvaluationConfig(Section):
     # tuned on one model can wreck another. Every variant of a target still gets the same recipe.
     finetune_per_target: dict[str, dict[str, Any]] = Field(default_factory=dict)
     batch_size: int = Field(8, gt=0)
+    # Scoring shrinks the batch below batch_size where its logits (batch x longest input x
+    # vocabulary floats) would take more: Gemma 3's 262k vocabulary on MMLU's long prompts.
+    max_logits_gib: float = Field(2.0, gt=0)
 
     @model_validator(mode="after")
     def _per_target_recipes_valid(self) -> EvaluationConfig:

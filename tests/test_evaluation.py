@@ -11,7 +11,7 @@ from nacd.data.benchmarks import load_benchmark
 from nacd.data.formats import mc_to_instruction, render_row
 from nacd.data.variants import write_variant
 from nacd.evaluation.run import SCORE_KEYS, evaluate, evaluate_model, load_target, score
-from nacd.evaluation.scoring import build_requests, continuation_logprobs, score_requests
+from nacd.evaluation.scoring import build_requests, continuation_logprobs, fitting_batch_size, score_requests
 
 
 def _hand_logprob(model, tok, context: str, continuation: str) -> float:
@@ -43,6 +43,23 @@ def test_batching_does_not_change_loglikelihoods(shared_data):
     pairs = [(r.context, c) for r in reqs for c in r.continuations]
     one = continuation_logprobs(model, tok, pairs, batch_size=1)
     assert continuation_logprobs(model, tok, pairs, batch_size=7) == pytest.approx(one, abs=1e-4)
+
+
+def test_the_batch_shrinks_until_its_logits_fit_the_cap(shared_data):
+    model, tok = load_target("tiny-llama")
+    reqs = build_requests("arc_easy", load_benchmark("arc_easy", "validation", shared_data)[:12])
+    longest = max(len(tok(r.context + c)["input_ids"]) for r in reqs for c in r.continuations)
+    row_gib = longest * model.config.vocab_size * 4 / 2**30  # float32 logits of one input
+    assert fitting_batch_size(model, tok, reqs, 8, 3.5 * row_gib) == 3
+    assert fitting_batch_size(model, tok, reqs, 2, 3.5 * row_gib) == 2  # batch_size stays the ceiling
+    assert fitting_batch_size(model, tok, reqs, 8, 0.5 * row_gib) == 1  # one input is never split
+    wide = score(model, tok, "arc_easy", "validation", shared_data, limit=12, batch_size=8)
+    for method in ("lm_eval", "direct"):
+        narrow = score(model, tok, "arc_easy", "validation", shared_data, limit=12, batch_size=8, method=method,
+                       max_logits_gib=3.5 * row_gib)
+        assert wide["batch_size"] == 8 and narrow["batch_size"] == 3
+        for a, b in zip(wide["_questions"], narrow["_questions"]):
+            assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-3)
 
 
 def test_mmlu_lm_eval_matches_direct_per_subject(shared_data):

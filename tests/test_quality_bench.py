@@ -67,6 +67,15 @@ def test_a_record_from_before_an_added_field_means_its_neutral_value(quality, tm
         quality.once(plan, marker, _stage(marker, calls), "stage", {"distill": {"beta": 0.1, "min_start": 30}})
     # a key without the field's section gains nothing
     assert quality.with_added_fields({"experts": {"lr": 0.05}}) == {"experts": {"lr": 0.05}}
+    # a key of dotted parts gains the field beside its section's others
+    eval_marker = tmp_path / "A" / "eval" / "scores.json"
+    quality.once(plan, eval_marker, _stage(eval_marker, calls), "eval", {"evaluation.batch_size": 8, "target": "t"})
+    assert quality.once(plan, eval_marker, _stage(eval_marker, calls), "eval",
+                        {"evaluation.batch_size": 8, "evaluation.max_logits_gib": 2.0, "target": "t"}) == 0.0
+    with pytest.raises(quality.StaleWork, match=r"evaluation\.max_logits_gib: 2\.0 -> 0\.5"):
+        quality.once(plan, eval_marker, _stage(eval_marker, calls), "eval",
+                     {"evaluation.batch_size": 8, "evaluation.max_logits_gib": 0.5, "target": "t"})
+    assert calls == [1, 1]
 
 
 def test_once_refuses_unrecorded_output_unless_adopted(quality, tmp_path):

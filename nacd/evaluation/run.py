@@ -58,12 +58,13 @@ def load_expert_checkpoint(cfg: RunConfig, store_uri: str, expert: int | str, in
 
 
 def score(model: Any, tokenizer: Any, benchmark: str, split: str, data_dir: str | Path | None,
-          shots: int = 0, limit: int | None = None, batch_size: int = 8, method: str = "lm_eval") -> dict:
+          shots: int = 0, limit: int | None = None, batch_size: int = 8, method: str = "lm_eval",
+          max_logits_gib: float = 2.0) -> dict:
     if method not in ("lm_eval", "direct"):
         raise ValueError(f"unknown scoring method '{method}' (lm_eval or direct)")
     scorer = score_lm_eval if method == "lm_eval" else score_direct
     start = time.time()
-    result = scorer(model, tokenizer, benchmark, split, data_dir, shots, limit, batch_size)
+    result = scorer(model, tokenizer, benchmark, split, data_dir, shots, limit, batch_size, max_logits_gib)
     result.pop("harness", None)
     questions = result.pop("questions")
     return {"benchmark": benchmark, "split": split, "shots": shots, "limit": limit, "method": method,
@@ -75,7 +76,7 @@ def score_benchmarks(model: Any, tokenizer: Any, cfg: RunConfig) -> list[dict]:
     results = []
     for bench in cfg.evaluation.benchmarks:
         result = score(model, tokenizer, bench.name, bench.split, cfg.data.data_dir, bench.shots,
-                       bench.limit, cfg.evaluation.batch_size)
+                       bench.limit, cfg.evaluation.batch_size, max_logits_gib=cfg.evaluation.max_logits_gib)
         result.pop("_questions")
         results.append(result)
     return results
@@ -83,11 +84,12 @@ def score_benchmarks(model: Any, tokenizer: Any, cfg: RunConfig) -> list[dict]:
 
 def evaluate_model(model: str, adapter: str | Path | None, benchmark: str, split: str,
                    data_dir: str | Path | None, shots: int = 0, limit: int | None = None,
-                   batch_size: int = 8, method: str = "lm_eval", json_out: str | Path | None = None) -> dict:
+                   batch_size: int = 8, method: str = "lm_eval", json_out: str | Path | None = None,
+                   max_logits_gib: float = 2.0) -> dict:
     """``nacd evaluate``: score a model (optionally with a LoRA adapter) and return the accuracy
     summary; ``json_out`` also gets it, with per-question predictions."""
     net, tokenizer = load_target(model, adapter)
-    result = score(net, tokenizer, benchmark, split, data_dir, shots, limit, batch_size, method)
+    result = score(net, tokenizer, benchmark, split, data_dir, shots, limit, batch_size, method, max_logits_gib)
     questions = result.pop("_questions")
     result = {"model": model, "adapter": str(adapter) if adapter else None, **result}
     if json_out is not None:

@@ -99,6 +99,19 @@ def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[
     return ctx, whole[len(ctx):]
 
 
+def fitting_batch_size(model: torch.nn.Module, tokenizer: Any, requests: Sequence[MCRequest],
+                       batch_size: int, max_logits_gib: float) -> int:
+    """The largest batch, up to ``batch_size``, whose float32 logits for the longest input take at
+    most ``max_logits_gib``. A forward pass holds batch x length x vocabulary logits and the scorer
+    a log-softmax of them beside: Gemma 3's 262k vocabulary on MMLU's longest prompt (790 tokens)
+    needs 6.2 GiB of logits at batch 8, which with its copies overran a 24 GiB machine."""
+    longest = max(len(ctx) + len(cont) for r in requests for c in r.continuations
+                  for ctx, cont in [_encode_pair(tokenizer, r.context, c)])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    fits = int(max_logits_gib * 2**30) // (longest * vocab * 4)
+    return max(1, min(batch_size, fits))
+
+
 @torch.no_grad()
 def continuation_logprobs(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]],
                           batch_size: int = 8) -> list[float]:
@@ -167,10 +180,12 @@ def summarize(per_question: list[dict]) -> dict:
 
 def score_direct(model: torch.nn.Module, tokenizer: Any, benchmark: str, split: str,
                  data_dir: str | Path | None, shots: int = 0, limit: int | None = None,
-                 batch_size: int = 8) -> dict:
+                 batch_size: int = 8, max_logits_gib: float = 2.0) -> dict:
     questions = limit_questions(load_benchmark(benchmark, split, data_dir), limit)
     fewshot = load_benchmark(benchmark, FEWSHOT_SPLIT[benchmark], data_dir) if shots else []
-    return score_requests(model, tokenizer, build_requests(benchmark, questions, shots, fewshot), batch_size)
+    requests = build_requests(benchmark, questions, shots, fewshot)
+    batch = fitting_batch_size(model, tokenizer, requests, batch_size, max_logits_gib)
+    return {**score_requests(model, tokenizer, requests, batch), "batch_size": batch}
 
 
 # --------------------------------------------------------------------------- lm-eval
@@ -228,7 +243,7 @@ def harness_task_configs(benchmark: str, questions: Sequence[MCQuestion], fewsho
 
 def score_lm_eval(model: torch.nn.Module, tokenizer: Any, benchmark: str, split: str,
                   data_dir: str | Path | None, shots: int = 0, limit: int | None = None,
-                  batch_size: int = 8) -> dict:
+                  batch_size: int = 8, max_logits_gib: float = 2.0) -> dict:
     """Accuracy through lm-evaluation-harness; per-question log-likelihoods come back too."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -237,7 +252,9 @@ def score_lm_eval(model: torch.nn.Module, tokenizer: Any, benchmark: str, split:
     questions = limit_questions(load_benchmark(benchmark, split, data_dir), limit)
     fewshot = load_benchmark(benchmark, FEWSHOT_SPLIT[benchmark], data_dir) if shots else []
     device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    batch = fitting_batch_size(model, tokenizer, build_requests(benchmark, questions, shots, fewshot),
+                               batch_size, max_logits_gib)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch, device=device)
     with tempfile.TemporaryDirectory(prefix="nacd-lmeval-") as tmp:
         configs = harness_task_configs(benchmark, questions, fewshot, Path(tmp))
         results = simple_evaluate(model=lm, tasks=configs, num_fewshot=shots, limit=None,
@@ -263,4 +280,5 @@ def score_lm_eval(model: torch.nn.Module, tokenizer: Any, benchmark: str, split:
     if benchmark == "arc_easy" and not math.isclose(harness_acc[0], result["acc"], abs_tol=1e-9):
         raise RuntimeError(f"lm-eval acc {harness_acc[0]} != per-sample acc {result['acc']}")
     result["harness"] = {c["task"]: results["results"][c["task"]] for c in configs}
+    result["batch_size"] = batch
     return result
