@@ -319,8 +319,9 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
     variant_keys = {"random": {**prepared_key, **stage_key(cfg, "budget", "selection.seed")},
                     "less": {**prepared_key, **stage_key(cfg, "budget", "source", "selection")},
                     "full": prepared_key}
+    scoring_key = stage_key(cfg, "evaluation.benchmarks", "evaluation.batch_size", "evaluation.max_logits_gib")
     def eval_key(target: str) -> dict:  # the recipe this target is fine-tuned with, the benchmarks
-        return {**stage_key(cfg, "evaluation.benchmarks", "evaluation.batch_size", "evaluation.max_logits_gib"), "target": target,
+        return {**scoring_key, "target": target,
                 "evaluation.finetune": cfg.evaluation.finetune_for(target).model_dump(mode="json")}
     # Shared by all budgets and seeds of a setting: the pool and the expert trajectories.
     walls["prepare"] = once(plan, dataset / "prepare.json", lambda: prepare_data(cfg, dataset),
@@ -373,7 +374,7 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
         out = where / target
         # none is not fine-tuned: only the benchmarks and the target matter. A distilled variant is
         # keyed by the text it trains on: two distillations that project to the same text share one score.
-        key = ({**stage_key(cfg, "evaluation.benchmarks", "evaluation.batch_size", "evaluation.max_logits_gib"), "target": target}
+        key = ({**scoring_key, "target": target}
                if vname == "none" else
                {**eval_key(target), "training_text_sha256": text_sha256[vname]}
                if vname.startswith("distilled") else {**variant_keys[vname], **eval_key(target)})
