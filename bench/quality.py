@@ -179,9 +179,10 @@ def stage_key(cfg, *paths: str, **extra: Any) -> dict:
 
 
 # Config fields added after stage records were first written, each with the value that behaves as
-# the code did before it: a record that lacks one was made with that value. At 2 GiB every scoring
-# recorded before max_logits_gib ran at its batch_size of 8 (SmolLM2 on both benchmarks needs at
-# most 1.2 GiB, Gemma 3 on ARC-Easy 0.8); only Gemma 3 on MMLU (6.2 GiB) shrinks, and it had none.
+# the code did before it: a record that lacks one was made with that value. At 2 GiB the scorings
+# recorded before max_logits_gib keep their batch, but for SmolLM2 on MMLU in setting B: batch_size
+# 16 (2.3 GiB of logits) becomes 13. A batch changes log-likelihoods by float rounding only
+# (tests/test_evaluation.py), and bench/results/quality-notes.md has that scoring rerun at 13.
 ADDED_FIELDS: dict[str, Any] = {"distill.min_start": 0, "evaluation.max_logits_gib": 2.0}
 
 
