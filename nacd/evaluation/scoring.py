@@ -105,8 +105,8 @@ def fitting_batch_size(model: torch.nn.Module, tokenizer: Any, requests: Sequenc
     most ``max_logits_gib``. A forward pass holds batch x length x vocabulary logits and the scorer
     a log-softmax of them beside: Gemma 3's 262k vocabulary on MMLU's longest prompt (790 tokens)
     needs 6.2 GiB of logits at batch 8, which with its copies overran a 24 GiB machine."""
-    longest = max(len(ctx) + len(cont) for r in requests for c in r.continuations
-                  for ctx, cont in [_encode_pair(tokenizer, r.context, c)])
+    longest = max((len(ctx) + len(cont) for r in requests for c in r.continuations
+                   for ctx, cont in [_encode_pair(tokenizer, r.context, c)]), default=1)
     vocab = model.get_output_embeddings().weight.shape[0]
     fits = int(max_logits_gib * 2**30) // (longest * vocab * 4)
     return max(1, min(batch_size, fits))
