@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from nacd.config import ConfigError, RunConfig, load_config
+from nacd.config import MAX_LOGITS_GIB, ConfigError, RunConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shots", type=int, default=0)
     e.add_argument("--limit", type=int)
     e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--max-logits-gib", type=float, default=2.0,
+    e.add_argument("--max-logits-gib", type=float, default=MAX_LOGITS_GIB,
                    help="shrink the batch where its logits would take more (large vocabularies, long prompts)")
     e.add_argument("--json", help="write the result JSON here")
     e.set_defaults(func=cmd_evaluate)

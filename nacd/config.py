@@ -196,6 +196,9 @@ class BenchmarkConfig(Section):
     limit: int | None = Field(None, gt=0)
 
 
+MAX_LOGITS_GIB = 2.0  # the default cap, shared by `nacd evaluate`
+
+
 class EvaluationConfig(Section):
     targets: list[str] = Field(default_factory=lambda: ["smollm2-135m-instruct", "gemma3-270m"])
     variants: list[Literal["distilled", "random", "less", "full", "none"]] = Field(
@@ -208,7 +211,7 @@ class EvaluationConfig(Section):
     batch_size: int = Field(8, gt=0)
     # Scoring shrinks the batch below batch_size where its logits (batch x longest input x
     # vocabulary floats) would take more: Gemma 3's 262k vocabulary on MMLU's long prompts.
-    max_logits_gib: float = Field(2.0, gt=0)
+    max_logits_gib: float = Field(MAX_LOGITS_GIB, gt=0)
 
     @model_validator(mode="after")
     def _per_target_recipes_valid(self) -> EvaluationConfig:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nacd.config import RunConfig
+from nacd.config import MAX_LOGITS_GIB, RunConfig
 from nacd.data.tokenization import ensure_pad_token
 from nacd.data.variants import atomic_dir, read_variant, read_variant_meta, write_json
 from nacd.evaluation.finetune import finetune, merged
@@ -59,12 +59,13 @@ def load_expert_checkpoint(cfg: RunConfig, store_uri: str, expert: int | str, in
 
 def score(model: Any, tokenizer: Any, benchmark: str, split: str, data_dir: str | Path | None,
           shots: int = 0, limit: int | None = None, batch_size: int = 8, method: str = "lm_eval",
-          max_logits_gib: float = 2.0) -> dict:
+          max_logits_gib: float = MAX_LOGITS_GIB) -> dict:
     if method not in ("lm_eval", "direct"):
         raise ValueError(f"unknown scoring method '{method}' (lm_eval or direct)")
     scorer = score_lm_eval if method == "lm_eval" else score_direct
     start = time.time()
-    result = scorer(model, tokenizer, benchmark, split, data_dir, shots, limit, batch_size, max_logits_gib)
+    result = scorer(model, tokenizer, benchmark, split, data_dir, shots, limit, batch_size,
+                    max_logits_gib=max_logits_gib)
     result.pop("harness", None)
     questions = result.pop("questions")
     return {"benchmark": benchmark, "split": split, "shots": shots, "limit": limit, "method": method,
@@ -85,7 +86,7 @@ def score_benchmarks(model: Any, tokenizer: Any, cfg: RunConfig) -> list[dict]:
 def evaluate_model(model: str, adapter: str | Path | None, benchmark: str, split: str,
                    data_dir: str | Path | None, shots: int = 0, limit: int | None = None,
                    batch_size: int = 8, method: str = "lm_eval", json_out: str | Path | None = None,
-                   max_logits_gib: float = 2.0) -> dict:
+                   max_logits_gib: float = MAX_LOGITS_GIB) -> dict:
     """``nacd evaluate``: score a model (optionally with a LoRA adapter) and return the accuracy
     summary; ``json_out`` also gets it, with per-question predictions."""
     net, tokenizer = load_target(model, adapter)

@@ -105,8 +105,9 @@ def fitting_batch_size(model: torch.nn.Module, tokenizer: Any, requests: Sequenc
     most ``max_logits_gib``. A forward pass holds batch x length x vocabulary logits and the scorer
     a log-softmax of them beside: Gemma 3's 262k vocabulary on MMLU's longest prompt (790 tokens)
     needs 6.2 GiB of logits at batch 8, which with its copies overran a 24 GiB machine."""
-    longest = max((len(ctx) + len(cont) for r in requests for c in r.continuations
-                   for ctx, cont in [_encode_pair(tokenizer, r.context, c)]), default=1)
+    # the whole string's length is the pair's, however _encode_pair splits it: one encode, not two
+    longest = max((len(tokenizer(r.context + c)["input_ids"]) for r in requests for c in r.continuations),
+                  default=1)
     vocab = model.get_output_embeddings().weight.shape[0]
     fits = int(max_logits_gib * 2**30) // (longest * vocab * 4)
     return max(1, min(batch_size, fits))
@@ -180,7 +181,7 @@ def summarize(per_question: list[dict]) -> dict:
 
 def score_direct(model: torch.nn.Module, tokenizer: Any, benchmark: str, split: str,
                  data_dir: str | Path | None, shots: int = 0, limit: int | None = None,
-                 batch_size: int = 8, max_logits_gib: float = 2.0) -> dict:
+                 batch_size: int = 8, *, max_logits_gib: float) -> dict:
     questions = limit_questions(load_benchmark(benchmark, split, data_dir), limit)
     fewshot = load_benchmark(benchmark, FEWSHOT_SPLIT[benchmark], data_dir) if shots else []
     requests = build_requests(benchmark, questions, shots, fewshot)
@@ -243,7 +244,7 @@ def harness_task_configs(benchmark: str, questions: Sequence[MCQuestion], fewsho
 
 def score_lm_eval(model: torch.nn.Module, tokenizer: Any, benchmark: str, split: str,
                   data_dir: str | Path | None, shots: int = 0, limit: int | None = None,
-                  batch_size: int = 8, max_logits_gib: float = 2.0) -> dict:
+                  batch_size: int = 8, *, max_logits_gib: float) -> dict:
     """Accuracy through lm-evaluation-harness; per-question log-likelihoods come back too."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
