@@ -52,13 +52,14 @@ def train_experts(source: dict, experts: dict, storage: dict, expert_index: int,
 
 @component
 def select_seeds(budget: float, seed_selection: dict, dataset: Input[Dataset],
-                 seeds: Output[Artifact]):
-    """Pick the real seed samples the synthetic prompts are placed in front of."""
+                 less_variant: Input[Dataset], seeds: Output[Artifact]):
+    """Pick the real seed samples the synthetic prompts are placed in front of (random, or the
+    LESS variant's rows with ``seed_selection.method=less``)."""
     from nacd.pipeline_params import config_from_sections
     from nacd.selection.seeds import select_seeds as run
 
     cfg = config_from_sections(budget=budget, seed_selection=seed_selection)
-    summary = run(cfg, dataset.path, seeds.path)
+    summary = run(cfg, dataset.path, seeds.path, less_dir=less_variant.path)
     seeds.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
 
 

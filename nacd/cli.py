@@ -201,7 +201,7 @@ def _step_train_experts(cfg, a):
 def _step_select_seeds(cfg, a):
     from nacd.selection.seeds import select_seeds
 
-    return select_seeds(cfg, a.dataset, a.out)
+    return select_seeds(cfg, a.dataset, a.out, less_dir=a.variant_dir)
 
 
 def _step_distill(cfg, a):
@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--expert-index", type=int, help="train only this expert")
     s.add_argument("--target", help="evaluate: target model")
     s.add_argument("--variant", help="evaluate: data variant name")
-    s.add_argument("--variant-dir", help="evaluate: variant dataset folder (omit for 'none')")
+    s.add_argument("--variant-dir", help="evaluate: variant dataset folder (omit for 'none'); "
+                                         "select-seeds with seed_selection.method=less: the select-less output")
     s.add_argument("--scores", nargs="*", default=[], help="report: scores.json files")
     s.add_argument("--summary", help="also write the step's JSON summary here")
     s.set_defaults(func=cmd_step)

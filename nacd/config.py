@@ -140,8 +140,10 @@ class DistillConfig(Section):
 class SeedSelectionConfig(Section):
     """The K = budget real samples the synthetic set is built on (nacd.selection.seeds)."""
 
-    method: Literal["random"] = "random"
-    seed: int = 0  # equal to selection.seed: the seeds are exactly the random baseline's rows
+    # random: a seeded subset; less: the LESS variant's rows (select_less's output, same budget), so
+    # distillation refines the best-selected samples instead of random ones
+    method: Literal["random", "less"] = "random"
+    seed: int = 0  # for random; equal to selection.seed: the seeds are exactly the random baseline's rows
 
 
 # --------------------------------------------------------------------------- baselines

@@ -1,7 +1,7 @@
 """The nacd DAG (DESIGN.md "Stages and the DAG"), compiled for a cluster or run by kfp.local.
 
 prepare_data -> train_experts (ParallelFor over expert seeds) -> distill -> project_ids
-             -> select_seeds ---------------------------------^
+             -> select_less -> select_seeds --------------------^
              -> select_random, select_less, full_variant
 every variant -> evaluate (ParallelFor over targets, per variant) -> report
 
@@ -81,18 +81,21 @@ def build_pipeline(s3_secret: str = DEFAULT_S3_SECRET, gpus: bool = True):
                                      dataset=dataset).set_display_name("train expert")
             _with_s3(_on_gpu(expert, accelerator, gpus_per_expert, gpus), s3_secret)
 
-        seeds = c.select_seeds(budget=budget, seed_selection=seed_selection, dataset=dataset)
-        dist = c.distill(budget=budget, source=source, distill=distill, storage=storage,
-                         num_gpus=gpus_per_step, dataset=dataset, seeds=seeds.outputs["seeds"],
-                         stores=dsl.Collected(expert.outputs["store"]))
-        _with_s3(_on_gpu(dist, accelerator, gpus_per_step, gpus), s3_secret)
-        proj = c.project_ids(source=source, distill=distill, synthetic=dist.outputs["synthetic"])
-
         rand = c.select_random(budget=budget, selection=selection, dataset=dataset)
         less = c.select_less(budget=budget, source=source, selection=selection, data=data,
                              num_gpus=gpus_per_step, dataset=dataset)
         _on_gpu(less, accelerator, gpus_per_step, gpus)
         full = c.full_variant(dataset=dataset)
+
+        # The seeds may be LESS's rows (seed_selection.method is a run parameter, so the edge is
+        # always there): distill waits for select_less, which runs beside the longer experts.
+        seeds = c.select_seeds(budget=budget, seed_selection=seed_selection, dataset=dataset,
+                               less_variant=less.outputs["variant"])
+        dist = c.distill(budget=budget, source=source, distill=distill, storage=storage,
+                         num_gpus=gpus_per_step, dataset=dataset, seeds=seeds.outputs["seeds"],
+                         stores=dsl.Collected(expert.outputs["store"]))
+        _with_s3(_on_gpu(dist, accelerator, gpus_per_step, gpus), s3_secret)
+        proj = c.project_ids(source=source, distill=distill, synthetic=dist.outputs["synthetic"])
 
         variant_data = {"distilled": proj.outputs["distilled"], "random": rand.outputs["variant"],
                         "less": less.outputs["variant"], "full": full.outputs["variant"],

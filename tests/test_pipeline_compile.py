@@ -74,6 +74,13 @@ def test_loops_over_experts_and_target_variant(ir):
     assert planned == {"distilled", "random", "less", "full", "none"}
 
 
+def test_seeds_can_be_less_rows_so_they_follow_select_less(ir):
+    tasks = ir["spec"]["root"]["dag"]["tasks"]
+    source = tasks["select-seeds"]["inputs"]["artifacts"]["less_variant"]["taskOutputArtifact"]
+    assert source == {"producerTask": "select-less", "outputArtifactKey": "variant"}
+    assert tasks["distill"]["inputs"]["artifacts"]["seeds"]["taskOutputArtifact"]["producerTask"] == "select-seeds"
+
+
 def test_gpu_shm_and_secret_settings(ir):
     spec, platform = ir["spec"], ir["platform"]
     execs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]

@@ -293,3 +293,29 @@ def test_less_resumes_after_a_crash_with_the_same_result(planted, tmp_path, monk
     want = json.loads((reference / "less_scores.json").read_text())
     assert got["selected"] == want["selected"]
     assert got["scores"] == pytest.approx(want["scores"], abs=1e-6)
+
+
+def test_less_seeds_are_the_less_variants_rows(planted, tmp_path):
+    cfg, pool, less_out, ids = planted
+    cfg = cfg.model_copy(deep=True)
+    cfg.seed_selection.method = "less"
+    with pytest.raises(SelectionError, match="needs the select_less output folder"):
+        select_seeds(cfg, pool, tmp_path / "no-less")
+    assert not (tmp_path / "no-less").exists()
+    select_seeds(cfg, pool, tmp_path / "seeds", less_dir=less_out)
+    seeds = read_seeds(tmp_path / "seeds")
+    pool_ids = list(load_pool(pool)["id"])
+    assert seeds["method"] == "less" and seeds["budget"] == 2
+    assert seeds["indices"] == sorted(pool_ids.index(i) for i in ids)  # the planted rows LESS ranked first
+    assert sorted(seeds["ids"]) == sorted(ids)
+    # a LESS variant made at another budget, or from another pool, is refused by file and line
+    with pytest.raises(SelectionError, match=r"data.jsonl: 2 rows, but the budget is 3 of 26"):
+        select_seeds(cfg.model_copy(update={"budget": 3}), pool, tmp_path / "k3", less_dir=less_out)
+    foreign = tmp_path / "foreign"
+    foreign_rows = [json.loads(line) for line in (less_out / "data.jsonl").read_text().splitlines()]
+    foreign_rows[1]["id"] = "not-in-the-pool"
+    from nacd.data.variants import write_variant
+    write_variant(foreign_rows, foreign, {"variant": "less"})
+    with pytest.raises(SelectionError, match=r"data.jsonl:2: id 'not-in-the-pool' is not in the pool"):
+        select_seeds(cfg, pool, tmp_path / "bad", less_dir=foreign)
+    assert not (tmp_path / "k3").exists() and not (tmp_path / "bad").exists()
