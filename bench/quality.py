@@ -101,6 +101,9 @@ ABLATIONS: dict[str, list[str]] = {
     # 52.3 -> 51.8 % over the first 12 steps; 4x the lr covers 48 steps' worth of that path there
     # (alpha follows the expert's lr: N = 4 student steps cover M = 2 checkpoints of 2 steps)
     "straight_through_expert_lr_2e-1": STRAIGHT_THROUGH + ["experts.lr=0.2", "distill.init_alpha=0.2"],
+    # the seeds are LESS's rows, not random ones: distillation refines the selected samples
+    # (distilled is then compared with LESS on the same rows, as distilled with random by default)
+    "straight_through_less_seeds": STRAIGHT_THROUGH + ["seed_selection.method=less"],
     # distillation may rewrite the seed's instruction tokens too, not only an 8-token prefix
     "straight_through_instruction": STRAIGHT_THROUGH + ["distill.learnable_instruction=true"],
     "no_projection": [],
@@ -135,6 +138,7 @@ class Plan:
     report_only: bool = False  # run no stage: report what the --work folder holds (see NotRun)
     not_run: list[str] = field(default_factory=list)  # with report_only: the stages it lacks
     notes: str = ""  # Markdown appended to quality.md: where the reported stages came from
+    earlier_rows: list[dict] = field(default_factory=list)  # --merge: kept unless made again
 
 
 def setting_config(plan: Plan, setting: str, budget: float, seed: int, extra: list[str] = ()):
@@ -315,11 +319,13 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
     # What each stage's output depends on (see once): a stage is reused only under the same key.
     prepared_key = stage_key(cfg, "data", "source.name", "source.revision")
     experts_key = {**prepared_key, **stage_key(cfg, "source", "experts")}
-    seeds_key = {**prepared_key, **stage_key(cfg, "budget", "seed_selection")}
-    distill_key = {**experts_key, **seeds_key, **stage_key(cfg, "distill")}
     variant_keys = {"random": {**prepared_key, **stage_key(cfg, "budget", "selection.seed")},
                     "less": {**prepared_key, **stage_key(cfg, "budget", "source", "selection")},
                     "full": prepared_key}
+    seeds_from_less = cfg.seed_selection.method == "less"
+    seeds_key = {**prepared_key, **stage_key(cfg, "budget", "seed_selection"),
+                 **({"less": variant_keys["less"]} if seeds_from_less else {})}
+    distill_key = {**experts_key, **seeds_key, **stage_key(cfg, "distill")}
     scoring_key = stage_key(cfg, "evaluation.benchmarks", "evaluation.batch_size", "evaluation.max_logits_gib")
     def eval_key(target: str) -> dict:  # the recipe this target is fine-tuned with, the benchmarks
         return {**scoring_key, "target": target,
@@ -331,8 +337,13 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
         manifest = store / "experts" / f"expert-{e:03d}" / "manifest.json"
         walls[f"expert{e}"] = once(plan, manifest, lambda e=e: train_expert(cfg, dataset, str(store), e),
                                    f"{tag}: expert {e}", {**experts_key, "expert": e})
-    seeds_dir = unit / "seeds"
-    walls["seeds"] = once(plan, seeds_dir / "seeds.json", lambda: select_seeds(cfg, dataset, seeds_dir),
+    less_dir = unit / "less"
+    if seeds_from_less:  # the seeds are LESS's rows: the variant the headline unit also evaluates
+        walls["less"] = once(plan, less_dir / "variant.json", lambda: select_less(cfg, dataset, less_dir),
+                             f"{tag}: less", variant_keys["less"])
+    seeds_dir = unit / ("seeds-less" if seeds_from_less else "seeds")
+    walls["seeds"] = once(plan, seeds_dir / "seeds.json",
+                          lambda: select_seeds(cfg, dataset, seeds_dir, less_dir if seeds_from_less else None),
                           f"{tag}: seeds", seeds_key)
     # no_projection reuses the headline run's synthetic set: it changes the evaluation, not distill
     suffix = f"-{name}" if name and name != "no_projection" else ""
@@ -346,7 +357,7 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
     wanted = set(cfg.evaluation.variants) if not name else set()
     if plan.full_seeds is not None and seed not in plan.full_seeds:
         wanted.discard("full")
-    for vname, fn, vdir in (("random", select_random, unit / "random"), ("less", select_less, unit / "less"),
+    for vname, fn, vdir in (("random", select_random, unit / "random"), ("less", select_less, less_dir),
                             ("full", lambda c, d, o: full_variant(d, o), root / "full")):
         if vname in wanted:
             wall = once_if_held(plan, vdir / "variant.json", lambda fn=fn, vdir=vdir: fn(cfg, dataset, vdir),
@@ -627,12 +638,16 @@ def parse_args(argv: list[str] | None = None) -> Plan:
                     help="run no stage: put together what the --work folder holds and list what it lacks")
     ap.add_argument("--set", action="append", default=[], dest="overrides",
                     help="config override applied to every unit, e.g. evaluation.benchmarks.0.limit=100")
+    ap.add_argument("--merge", type=Path, default=None, metavar="QUALITY_JSON",
+                    help="keep the rows of an earlier quality.json that this run does not make again (the "
+                         "record outlives a lost --work folder; a row made again replaces its old self)")
     ap.add_argument("--notes", type=Path, default=None,
                     help="Markdown file appended to quality.md, e.g. which earlier commands made the stages "
                          "a --report-only run puts together (bench/results/quality-notes.md)")
     a = ap.parse_args(argv)
     if a.notes is not None and not a.notes.is_file():  # before any stage runs, not after hours of them
         raise SystemExit(f"quality.py: --notes {a.notes}: no such file")
+    earlier = earlier_rows(a.merge) if a.merge is not None else []
     return Plan(scale=a.scale, settings=a.settings or sorted(SETTINGS),
                 budgets=[float(b) for b in a.budgets.split(",")], seeds=[int(s) for s in a.seeds.split(",")],
                 targets=a.targets.split(","), ablations=_ablations(a.ablations), out=a.out,
@@ -640,7 +655,30 @@ def parse_args(argv: list[str] | None = None) -> Plan:
                 full_seeds=[int(s) for s in a.full_seeds.split(",")] if a.full_seeds else None,
                 full_targets=a.full_targets.split(",") if a.full_targets else None,
                 adopt_unrecorded=a.adopt_unrecorded, report_only=a.report_only,
-                notes=a.notes.read_text() if a.notes else "")
+                notes=a.notes.read_text() if a.notes else "", earlier_rows=earlier)
+
+
+ROW_IDENTITY = ("setting", "budget", "variant", "target", "seed", "benchmark")
+
+
+def earlier_rows(path: Path) -> list[dict]:
+    """The rows of an earlier quality.json, checked for the fields that identify a row."""
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"quality.py: --merge {path}: not a quality.json with a 'rows' list ({e})") from None
+    for i, row in enumerate(rows):
+        missing = [k for k in (*ROW_IDENTITY, "acc") if k not in row]
+        if missing:
+            raise SystemExit(f"quality.py: --merge {path}: rows[{i}] lacks {', '.join(missing)}")
+    return rows
+
+
+def merged_rows(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """Every new row, and each earlier row whose (setting, budget, variant, target, seed,
+    benchmark) no new row has (none's rows repeat per unit, so identities are compared, not rows)."""
+    made = {tuple(r[k] for k in ROW_IDENTITY) for r in new}
+    return [r for r in earlier if tuple(r[k] for k in ROW_IDENTITY) not in made] + new
 
 
 def _ablations(spec: str) -> list[Ablation]:
@@ -680,13 +718,17 @@ def main(argv: list[str] | None = None) -> int:
             plan.not_run.append(f"{missing} (so none of this unit's rows)")
             continue
         rows += [r for r in unit_rows if not name or r["variant"].startswith("distilled-")]
-        _write(results, plan, rows, started)
+        _write(results, plan, merged_rows(plan.earlier_rows, rows), started)
     if not rows:  # with --report-only: every unit lacks a stage it needs
         first = plan.not_run[0] if plan.not_run else "no target or variant was asked for"
         print(f"quality.py: {plan.work} holds no finished unit of this plan; first missing: {first}",
               file=sys.stderr)
         return 1
     command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if plan.earlier_rows:
+        print(f"[quality] {len(rows)} rows made, {len(merged_rows(plan.earlier_rows, rows)) - len(rows)} "
+              f"kept from --merge", flush=True)
+        rows = merged_rows(plan.earlier_rows, rows)
     report = (summarise(rows) + not_run_section(plan.not_run) + f"\nCommand: `{command}`; "
               f"wall time {time.time() - started:.0f} s (stages already done are skipped).\n"
               + (f"\n{plan.notes.rstrip()}\n" if plan.notes else ""))

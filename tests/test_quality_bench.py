@@ -208,6 +208,40 @@ def test_notes_follow_the_report_and_a_missing_notes_file_stops_before_any_stage
     assert md.endswith("another day.\n") and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_merge_keeps_the_earlier_rows_this_run_does_not_make_again(quality, tmp_path, monkeypatch):
+    def row(variant, seed, acc, budget=0.05):
+        return {"setting": "A", "target": "t", "benchmark": "arc_easy", "budget": budget, "variant": variant,
+                "seed": seed, "acc": acc}
+    earlier = [row("distilled", 0, 0.50), row("random", 0, 0.40), row("random", 1, 0.45), row("none", None, 0.3),
+               row("none", None, 0.3, budget=0.1)]
+    record = tmp_path / "earlier.json"
+    record.write_text(json.dumps({"rows": earlier}))
+    monkeypatch.setattr(quality, "run_unit", lambda plan, setting, budget, seed, name, extra: [
+        row("distilled", seed, 0.60), row("none", None, 0.35)])
+    out = tmp_path / "out"
+    assert quality.main(["--only-setting", "A", "--budgets", "0.05", "--seeds", "0", "--targets", "t",
+                         "--out", str(out), "--merge", str(record)]) == 0
+    rows = json.loads((out / "quality.json").read_text())["rows"]
+    # made again: distilled seed 0 and none at 5 % are replaced; kept: random and none at 10 %
+    assert sorted((r["variant"], r["budget"], r["seed"], r["acc"]) for r in rows) == sorted(
+        [("random", 0.05, 0, 0.40), ("random", 0.05, 1, 0.45), ("none", 0.1, None, 0.3),
+         ("distilled", 0.05, 0, 0.60), ("none", 0.05, None, 0.35)])
+    assert "| distilled | 60.0 (1 seed) |" in (out / "quality.md").read_text()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rows": [{"setting": "A", "acc": 0.5}]}))
+    for path, message in ((bad, r"rows\[0\] lacks budget, variant, target, seed, benchmark"),
+                          (tmp_path / "absent.json", "not a quality.json")):
+        with pytest.raises(SystemExit, match=message):
+            quality.main(["--out", str(tmp_path / "never"), "--merge", str(path)])
+    assert not (tmp_path / "never").exists()
+
+
+def test_less_seeded_ablation_distills_on_the_less_rows(quality, tmp_path):
+    plan = _plan(quality, tmp_path)
+    cfg = quality.setting_config(plan, "A", 0.05, 0, quality.ABLATIONS["straight_through_less_seeds"])
+    assert cfg.seed_selection.method == "less" and cfg.distill.straight_through
+
+
 def test_ablation_specs(quality):
     beta0, p4 = quality._ablations("beta0,P4@0+2/smollm2-135m-instruct")
     assert beta0 == quality.Ablation("beta0") and p4 == quality.Ablation("P4", [0, 2], ["smollm2-135m-instruct"])
