@@ -19,6 +19,9 @@ stops the run with the keys that differ, so a stale folder never mixes into the 
 ``--report-only`` runs no stage: it puts together what the ``--work`` folder holds for the plan and
 lists, in quality.md, every stage it lacks (so one command can report units run by several);
 ``--notes FILE`` appends a hand-written account of which commands made those stages.
+``quality.json`` is the record and the ``--work`` folder a cache: ``--merge QUALITY_JSON`` keeps the
+rows of an earlier record that this run does not make again, so a run on a fresh machine adds to the
+results instead of replacing them.
 
     python bench/quality.py --scale small --data-dir ../shared/data   # CPU, reduced
     bench/quality_gpu.sh OUT_DIR                                       # one H200, --scale full
@@ -77,7 +80,7 @@ KNOB_ABLATIONS: dict[str, list[str]] = {
     "N2": ["distill.syn_steps=2"], "N8": ["distill.syn_steps=8"],
     "M1": ["distill.expert_epochs=1"], "M4": ["distill.expert_epochs=4"],
 }
-# Ablations of the headline setting (A at 5 %): dotted config overrides (one that changes the
+# Ablations of a 5 % unit (setting A, the headline, unless named): dotted config overrides (one that changes the
 # experts trains its own), plus "no_projection", which trains the source model on the learnt
 # embeddings themselves.
 ABLATIONS: dict[str, list[str]] = {
@@ -114,10 +117,11 @@ ABLATIONS: dict[str, list[str]] = {
 
 @dataclass
 class Ablation:
-    """One ablation of the 5 % setting-A unit, on some seeds and targets (None: the plan's)."""
+    """One ablation of a 5 % unit (setting A unless named), on some seeds and targets (None: the plan's)."""
     name: str
     seeds: list[int] | None = None
     targets: list[str] | None = None
+    setting: str = "A"
 
 
 @dataclass
@@ -139,6 +143,7 @@ class Plan:
     not_run: list[str] = field(default_factory=list)  # with report_only: the stages it lacks
     notes: str = ""  # Markdown appended to quality.md: where the reported stages came from
     earlier_rows: list[dict] = field(default_factory=list)  # --merge: kept unless made again
+    ablations_only: bool = False  # run the ablation units, not the settings x budgets x seeds grid
 
 
 def setting_config(plan: Plan, setting: str, budget: float, seed: int, extra: list[str] = ()):
@@ -626,8 +631,11 @@ def parse_args(argv: list[str] | None = None) -> Plan:
                     help="targets to train on the full data (default: every target)")
     ap.add_argument("--targets", default="smollm2-135m-instruct,gemma3-270m")
     ap.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
-                    help="also run the 5 %% setting-A ablations: all, or a comma list of NAME[@SEED+SEED][/TARGET+TARGET] "
-                         "(beta0,no_projection,P4@0/smollm2-135m-instruct: P4 on seed 0 and one target only)")
+                    help="also run the 5 %% ablations: all, or a comma list of NAME[@SEED+SEED][/TARGET+TARGET][:SETTING] "
+                         "(beta0,no_projection,P4@0/smollm2-135m-instruct: P4 on seed 0 and one target only; "
+                         "SETTING defaults to A)")
+    ap.add_argument("--ablations-only", action="store_true",
+                    help="run the --ablations units only, not the settings x budgets x seeds grid")
     ap.add_argument("--data-dir", default=None, help="folder laid out like shared/data (offline)")
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     ap.add_argument("--work", type=Path, default=None, help="stage outputs (default: <out>/work-<scale>)")
@@ -647,6 +655,8 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     a = ap.parse_args(argv)
     if a.notes is not None and not a.notes.is_file():  # before any stage runs, not after hours of them
         raise SystemExit(f"quality.py: --notes {a.notes}: no such file")
+    if a.ablations_only and not a.ablations:
+        raise SystemExit("quality.py: --ablations-only needs --ablations")
     earlier = earlier_rows(a.merge) if a.merge is not None else []
     return Plan(scale=a.scale, settings=a.settings or sorted(SETTINGS),
                 budgets=[float(b) for b in a.budgets.split(",")], seeds=[int(s) for s in a.seeds.split(",")],
@@ -655,7 +665,8 @@ def parse_args(argv: list[str] | None = None) -> Plan:
                 full_seeds=[int(s) for s in a.full_seeds.split(",")] if a.full_seeds else None,
                 full_targets=a.full_targets.split(",") if a.full_targets else None,
                 adopt_unrecorded=a.adopt_unrecorded, report_only=a.report_only,
-                notes=a.notes.read_text() if a.notes else "", earlier_rows=earlier)
+                notes=a.notes.read_text() if a.notes else "", earlier_rows=earlier,
+                ablations_only=a.ablations_only)
 
 
 ROW_IDENTITY = ("setting", "budget", "variant", "target", "seed", "benchmark")
@@ -682,19 +693,23 @@ def merged_rows(earlier: list[dict], new: list[dict]) -> list[dict]:
 
 
 def _ablations(spec: str) -> list[Ablation]:
-    """``NAME[@SEED+SEED...][/TARGET+TARGET...]``, comma-separated: e.g. ``beta0,P4@0/smollm2-135m-instruct``
-    runs beta0 on every seed and target, P4 on seed 0 and the source model only."""
+    """``NAME[@SEED+SEED...][/TARGET+TARGET...][:SETTING]``, comma-separated: e.g.
+    ``beta0,P4@0/smollm2-135m-instruct`` runs beta0 on every seed and target, P4 on seed 0 and the
+    source model only, both on setting A; ``P4:B`` runs P4 on setting B."""
     out = []
     for item in filter(None, spec.split(",")):
-        rest, _, targets = item.partition("/")
+        rest, _, setting = item.partition(":")
+        rest, _, targets = rest.partition("/")
         name, _, seeds = rest.partition("@")
+        if setting and setting not in SETTINGS:
+            raise SystemExit(f"quality.py: ablation {item!r}: setting {setting!r} after ':' is one of {', '.join(SETTINGS)}")
         if name not in ABLATIONS:
             raise SystemExit(f"quality.py: unknown ablation {name!r} in {item!r}; choose from {', '.join(ABLATIONS)}")
         try:
             seed_list = [int(x) for x in seeds.split("+")] if seeds else None
         except ValueError:
             raise SystemExit(f"quality.py: ablation {item!r}: seeds after '@' are integers joined by '+'") from None
-        out.append(Ablation(name, seed_list, targets.split("+") if targets else None))
+        out.append(Ablation(name, seed_list, targets.split("+") if targets else None, setting or "A"))
     return out
 
 
@@ -706,11 +721,12 @@ def main(argv: list[str] | None = None) -> int:
     results = plan.out / "quality.json"
     started = time.time()
     rows: list[dict] = []
-    units = [(plan, setting, budget, seed, "", []) for setting, budget, seed
-             in product(plan.settings, plan.budgets, plan.seeds)]
+    units = [] if plan.ablations_only else [(plan, setting, budget, seed, "", []) for setting, budget, seed
+                                            in product(plan.settings, plan.budgets, plan.seeds)]
     for ablation in plan.ablations:
         sub = replace(plan, targets=ablation.targets or plan.targets)  # shares plan.not_run
-        units += [(sub, "A", 0.05, seed, ablation.name, ABLATIONS[ablation.name]) for seed in ablation.seeds or plan.seeds]
+        units += [(sub, ablation.setting, 0.05, seed, ablation.name, ABLATIONS[ablation.name])
+                  for seed in ablation.seeds or plan.seeds]
     for unit_plan, setting, budget, seed, name, extra in units:
         try:
             unit_rows = run_unit(unit_plan, setting, budget, seed, name, extra)

@@ -236,6 +236,19 @@ def test_merge_keeps_the_earlier_rows_this_run_does_not_make_again(quality, tmp_
     assert not (tmp_path / "never").exists()
 
 
+def test_ablations_only_runs_the_ablation_units_on_their_setting(quality, tmp_path, monkeypatch):
+    units = []
+    monkeypatch.setattr(quality, "run_unit", lambda plan, setting, budget, seed, name, extra: units.append(
+        (setting, budget, seed, name, plan.targets)) or [
+        {"setting": setting, "target": plan.targets[0], "benchmark": "arc_easy", "budget": budget,
+         "variant": f"distilled-{name}", "seed": seed, "acc": 0.5}])
+    args = ["--seeds", "0,1,2", "--targets", "t,u", "--out", str(tmp_path)]
+    assert quality.main([*args, "--ablations", "P4@1/u:B,beta0@2", "--ablations-only"]) == 0
+    assert units == [("B", 0.05, 1, "P4", ["u"]), ("A", 0.05, 2, "beta0", ["t", "u"])]
+    with pytest.raises(SystemExit, match="--ablations-only needs --ablations"):
+        quality.main([*args, "--ablations-only"])
+
+
 def test_less_seeded_ablation_distills_on_the_less_rows(quality, tmp_path):
     plan = _plan(quality, tmp_path)
     cfg = quality.setting_config(plan, "A", 0.05, 0, quality.ABLATIONS["straight_through_less_seeds"])
@@ -245,6 +258,9 @@ def test_less_seeded_ablation_distills_on_the_less_rows(quality, tmp_path):
 def test_ablation_specs(quality):
     beta0, p4 = quality._ablations("beta0,P4@0+2/smollm2-135m-instruct")
     assert beta0 == quality.Ablation("beta0") and p4 == quality.Ablation("P4", [0, 2], ["smollm2-135m-instruct"])
+    assert quality._ablations("P4@1/t:B") == [quality.Ablation("P4", [1], ["t"], "B")]
+    with pytest.raises(SystemExit, match="setting 'C' after ':'"):
+        quality._ablations("P4:C")
     with pytest.raises(SystemExit, match="unknown ablation 'beta9'"):
         quality._ablations("beta9")
     with pytest.raises(SystemExit, match="seeds after '@'"):
