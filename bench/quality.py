@@ -107,6 +107,8 @@ ABLATIONS: dict[str, list[str]] = {
     # the seeds are LESS's rows, not random ones: distillation refines the selected samples
     # (distilled is then compared with LESS on the same rows, as distilled with random by default)
     "straight_through_less_seeds": STRAIGHT_THROUGH + ["seed_selection.method=less"],
+    # its control: LESS's rows behind the prefix the continuous default leaves at its initial tokens
+    "less_seeds": ["seed_selection.method=less"],
     # distillation may rewrite the seed's instruction tokens too, not only an 8-token prefix
     "straight_through_instruction": STRAIGHT_THROUGH + ["distill.learnable_instruction=true"],
     "no_projection": [],
