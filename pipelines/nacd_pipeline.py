@@ -88,7 +88,9 @@ def build_pipeline(s3_secret: str = DEFAULT_S3_SECRET, gpus: bool = True):
         full = c.full_variant(dataset=dataset)
 
         # The seeds may be LESS's rows (seed_selection.method is a run parameter, so the edge is
-        # always there): distill waits for select_less, which runs beside the longer experts.
+        # always there): distill waits for select_less, which runs beside the longer experts. Cost:
+        # a changed `selection` re-runs select_seeds and so distill even with method=random (the
+        # cache keys on the input artifact); a dsl.If on the method with dsl.OneOf would avoid it.
         seeds = c.select_seeds(budget=budget, seed_selection=seed_selection, dataset=dataset,
                                less_variant=less.outputs["variant"])
         dist = c.distill(budget=budget, source=source, distill=distill, storage=storage,
