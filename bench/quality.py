@@ -350,7 +350,7 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
                              f"{tag}: less", variant_keys["less"])
     seeds_dir = unit / ("seeds-less" if seeds_from_less else "seeds")
     walls["seeds"] = once(plan, seeds_dir / "seeds.json",
-                          lambda: select_seeds(cfg, dataset, seeds_dir, less_dir if seeds_from_less else None),
+                          lambda: select_seeds(cfg, dataset, seeds_dir, less_dir),  # read with method=less only
                           f"{tag}: seeds", seeds_key)
     # no_projection reuses the headline run's synthetic set: it changes the evaluation, not distill
     suffix = f"-{name}" if name and name != "no_projection" else ""
@@ -744,9 +744,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if plan.earlier_rows:
-        print(f"[quality] {len(rows)} rows made, {len(merged_rows(plan.earlier_rows, rows)) - len(rows)} "
-              f"kept from --merge", flush=True)
-        rows = merged_rows(plan.earlier_rows, rows)
+        made, rows = len(rows), merged_rows(plan.earlier_rows, rows)
+        print(f"[quality] {made} rows made, {len(rows) - made} kept from --merge", flush=True)
     report = (summarise(rows) + not_run_section(plan.not_run) + f"\nCommand: `{command}`; "
               f"wall time {time.time() - started:.0f} s (stages already done are skipped).\n"
               + (f"\n{plan.notes.rstrip()}\n" if plan.notes else ""))
