@@ -194,7 +194,9 @@ def stage_key(cfg, *paths: str, **extra: Any) -> dict:
 # recorded before max_logits_gib keep their batch, but for SmolLM2 on MMLU in setting B: batch_size
 # 16 (2.3 GiB of logits) becomes 13. A batch changes log-likelihoods by float rounding only
 # (tests/test_evaluation.py), and bench/results/quality-notes.md has that scoring rerun at 13.
-ADDED_FIELDS: dict[str, Any] = {"distill.min_start": 0, "evaluation.max_logits_gib": 2.0}
+# Every scoring before evaluation.method was the harness's.
+ADDED_FIELDS: dict[str, Any] = {"distill.min_start": 0, "evaluation.max_logits_gib": 2.0,
+                                "evaluation.method": "lm_eval"}
 
 
 def with_added_fields(key: dict) -> dict:
@@ -333,7 +335,8 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
     seeds_key = {**prepared_key, **stage_key(cfg, "budget", "seed_selection"),
                  **({"less": variant_keys["less"]} if seeds_from_less else {})}
     distill_key = {**experts_key, **seeds_key, **stage_key(cfg, "distill")}
-    scoring_key = stage_key(cfg, "evaluation.benchmarks", "evaluation.batch_size", "evaluation.max_logits_gib")
+    scoring_key = stage_key(cfg, "evaluation.benchmarks", "evaluation.batch_size", "evaluation.max_logits_gib",
+                            "evaluation.method")
     def eval_key(target: str) -> dict:  # the recipe this target is fine-tuned with, the benchmarks
         return {**scoring_key, "target": target,
                 "evaluation.finetune": cfg.evaluation.finetune_for(target).model_dump(mode="json")}

@@ -286,8 +286,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_model(model=args.model, adapter=args.adapter, benchmark=args.benchmark,
                             split=args.split, data_dir=args.data_dir, shots=args.shots,
-                            limit=args.limit, batch_size=args.batch_size, json_out=args.json,
-                            max_logits_gib=args.max_logits_gib)
+                            limit=args.limit, batch_size=args.batch_size, method=args.method,
+                            json_out=args.json, max_logits_gib=args.max_logits_gib)
     acc = result.get("acc") if isinstance(result, dict) else None
     print(f"{args.benchmark} {args.split}: acc = {acc:.4f}" if isinstance(acc, float)
           else json.dumps(result, indent=2, default=str))
@@ -397,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-logits-gib", type=float, default=MAX_LOGITS_GIB,
                    help="shrink the batch where its logits would take more (large vocabularies, long prompts)")
+    e.add_argument("--method", choices=["lm_eval", "direct"], default="lm_eval",
+                   help="lm_eval: the harness's tasks; direct: nacd's scorer, the output layer only where scored")
     e.add_argument("--json", help="write the result JSON here")
     e.set_defaults(func=cmd_evaluate)
 

@@ -214,6 +214,10 @@ class EvaluationConfig(Section):
     # Scoring shrinks the batch below batch_size where its logits (batch x longest input x
     # vocabulary floats) would take more: Gemma 3's 262k vocabulary on MMLU's long prompts.
     max_logits_gib: float = Field(MAX_LOGITS_GIB, gt=0)
+    # lm_eval: lm-evaluation-harness's own tasks, as published numbers are scored. direct: the same
+    # log-likelihoods by nacd's scorer (tests hold the two equal), which runs the output layer only
+    # at scored positions: several times faster for large vocabularies (Gemma 3's 262k).
+    method: Literal["lm_eval", "direct"] = "lm_eval"
 
     @model_validator(mode="after")
     def _per_target_recipes_valid(self) -> EvaluationConfig:

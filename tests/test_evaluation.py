@@ -23,8 +23,9 @@ def _hand_logprob(model, tok, context: str, continuation: str) -> float:
     return sum(float(logp[t - 1, whole[t]]) for t in range(len(ctx), len(whole)))
 
 
-def test_direct_scorer_matches_hand_computed_sum(shared_data):
-    model, tok = load_target("tiny-llama")
+@pytest.mark.parametrize("target", ["tiny-llama", "tiny-gemma3", "tiny-opt"])
+def test_direct_scorer_matches_hand_computed_sum(shared_data, target):
+    model, tok = load_target(target)
     questions = load_benchmark("arc_easy", "validation", shared_data)[:6]
     requests = build_requests("arc_easy", questions)
     result = score_requests(model, tok, requests, batch_size=4)
@@ -45,6 +46,38 @@ def test_batching_does_not_change_loglikelihoods(shared_data):
     assert continuation_logprobs(model, tok, pairs, batch_size=7) == pytest.approx(one, abs=1e-4)
 
 
+def test_the_output_layer_runs_only_where_a_token_is_scored(shared_data):
+    model, tok = load_target("tiny-gemma3")
+    reqs = build_requests("mmlu", load_benchmark("mmlu", "dev", shared_data)[:3], 0)
+    pairs = [(r.context, c) for r in reqs for c in r.continuations]
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    try:
+        alone = continuation_logprobs(model, tok, pairs, batch_size=1)
+    finally:
+        hook.remove()
+    # MMLU's four letters share one input and are scored at its last position only
+    assert [tuple(s[:2]) for s in seen] == [(1, 1)] * 3
+    hand = [_hand_logprob(model, tok, c, x) for c, x in pairs]
+    assert alone == pytest.approx(hand, abs=1e-4)
+
+
+def test_direct_batches_keep_their_logits_under_the_cap(shared_data):
+    model, tok = load_target("tiny-llama")
+    reqs = build_requests("arc_easy", load_benchmark("arc_easy", "validation", shared_data)[:12])
+    pairs = [(r.context, c) for r in reqs for c in r.continuations]
+    kept = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: kept.append(args[0].shape))
+    row_gib = model.config.vocab_size * 4 / 2**30  # float32 logits of one position
+    try:
+        capped = continuation_logprobs(model, tok, pairs, batch_size=8, max_logits_gib=40 * row_gib)
+    finally:
+        hook.remove()
+    # a batch keeps at most 40 positions' logits, unless one input alone needs more
+    assert all(b * n <= 40 or b == 1 for b, n, _ in kept) and max(b for b, _, _ in kept) > 1
+    assert capped == pytest.approx(continuation_logprobs(model, tok, pairs, batch_size=8), abs=1e-4)
+
+
 def test_the_batch_shrinks_until_its_logits_fit_the_cap(shared_data):
     model, tok = load_target("tiny-llama")
     reqs = build_requests("arc_easy", load_benchmark("arc_easy", "validation", shared_data)[:12])
@@ -54,12 +87,11 @@ def test_the_batch_shrinks_until_its_logits_fit_the_cap(shared_data):
     assert fitting_batch_size(model, tok, reqs, 2, 3.5 * row_gib) == 2  # batch_size stays the ceiling
     assert fitting_batch_size(model, tok, reqs, 8, 0.5 * row_gib) == 1  # one input is never split
     wide = score(model, tok, "arc_easy", "validation", shared_data, limit=12, batch_size=8)
-    for method in ("lm_eval", "direct"):
-        narrow = score(model, tok, "arc_easy", "validation", shared_data, limit=12, batch_size=8, method=method,
-                       max_logits_gib=3.5 * row_gib)
-        assert wide["batch_size"] == 8 and narrow["batch_size"] == 3
-        for a, b in zip(wide["_questions"], narrow["_questions"]):
-            assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-3)
+    narrow = score(model, tok, "arc_easy", "validation", shared_data, limit=12, batch_size=8,
+                   max_logits_gib=3.5 * row_gib)
+    assert wide["batch_size"] == 8 and narrow["batch_size"] == 3
+    for a, b in zip(wide["_questions"], narrow["_questions"]):
+        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-3)
 
 
 def test_mmlu_lm_eval_matches_direct_per_subject(shared_data):
@@ -112,6 +144,12 @@ def test_evaluate_finetunes_and_writes_scores(shared_data, tmp_path):
         assert set(SCORE_KEYS) <= set(row)
     assert saved[1]["benchmark"] == "mmlu" and len(saved[1]["subjects"]) == 57
     assert base[0]["finetune"] == {"trained": False}
+    # evaluation.method=direct scores the same log-likelihoods by nacd's scorer
+    direct_cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"method": "direct"})})
+    direct = evaluate(direct_cfg, "tiny-llama", "none", None, tmp_path / "none-direct")
+    for a, b in zip(base, direct):
+        assert (a["method"], b["method"]) == ("lm_eval", "direct") and a["acc"] == b["acc"]
+        assert a["gold_loglik"] == pytest.approx(b["gold_loglik"], abs=1e-4)
     info = tuned[0]["finetune"]
     assert info["trained"] and info["steps"] == 6 and info["loss_last"] < info["loss_first"]
     assert (tmp_path / "random" / "adapter" / "adapter_config.json").is_file()

@@ -75,6 +75,12 @@ def test_a_record_from_before_an_added_field_means_its_neutral_value(quality, tm
     with pytest.raises(quality.StaleWork, match=r"evaluation\.max_logits_gib: 2\.0 -> 0\.5"):
         quality.once(plan, eval_marker, _stage(eval_marker, calls), "eval",
                      {"evaluation.batch_size": 8, "evaluation.max_logits_gib": 0.5, "target": "t"})
+    # a scoring recorded before evaluation.method was the harness's, never nacd's direct scorer
+    assert quality.once(plan, eval_marker, _stage(eval_marker, calls), "eval",
+                        {"evaluation.batch_size": 8, "evaluation.method": "lm_eval", "target": "t"}) == 0.0
+    with pytest.raises(quality.StaleWork, match=r"evaluation\.method: 'lm_eval' -> 'direct'"):
+        quality.once(plan, eval_marker, _stage(eval_marker, calls), "eval",
+                     {"evaluation.batch_size": 8, "evaluation.method": "direct", "target": "t"})
     assert calls == [1, 1]
 
 

@@ -2,9 +2,9 @@
 
 ``evaluate(cfg, target, variant_name, variant_dir, out_dir)`` fine-tunes ``target`` on the variant
 (none for the ``none`` variant) with ``cfg.evaluation.finetune_for(target)`` and scores every benchmark in
-``cfg.evaluation.benchmarks`` through lm-evaluation-harness. ``out_dir`` (written atomically) gets
-``scores.json`` (rows of docs/stages.md), ``evaluate.json`` (the inputs, for reuse) and, after
-fine-tuning with LoRA, ``adapter/`` (peft ``save_pretrained``). A second call with the same inputs
+``cfg.evaluation.benchmarks`` with ``cfg.evaluation.method`` (lm-evaluation-harness by default).
+``out_dir`` (written atomically) gets ``scores.json`` (rows of docs/stages.md), ``evaluate.json``
+(the inputs, for reuse) and, after fine-tuning with LoRA, ``adapter/`` (peft ``save_pretrained``). A second call with the same inputs
 returns the stored rows.
 """
 from __future__ import annotations
@@ -77,7 +77,8 @@ def score_benchmarks(model: Any, tokenizer: Any, cfg: RunConfig) -> list[dict]:
     results = []
     for bench in cfg.evaluation.benchmarks:
         result = score(model, tokenizer, bench.name, bench.split, cfg.data.data_dir, bench.shots,
-                       bench.limit, cfg.evaluation.batch_size, max_logits_gib=cfg.evaluation.max_logits_gib)
+                       bench.limit, cfg.evaluation.batch_size, cfg.evaluation.method,
+                       max_logits_gib=cfg.evaluation.max_logits_gib)
         result.pop("_questions")
         results.append(result)
     return results

@@ -8,7 +8,9 @@
 2. :func:`score_direct` computes the same quantities by hand: for each choice, the sum of the
    continuation tokens' log-probabilities given the context; ``acc`` takes the argmax,
    ``acc_norm`` the argmax of the sum divided by the choice's character length (the harness's
-   definition). Used to cross-check (1) and in tests.
+   definition). It cross-checks (1), and ``evaluation.method: direct`` scores with it: it computes
+   the output layer only where a continuation token is scored, where the harness computes and
+   log-softmaxes the whole vocabulary at every position (``bench/scoring_speed.py`` times the two).
 
 Prompts (the harness's): ARC ``"Question: {q}\\nAnswer:"`` + ``" {choice text}"``; MMLU a
 subject description, ``"{q}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:"`` + ``" A"`` .. ``" D"``.
@@ -31,6 +33,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
+from nacd.config import MAX_LOGITS_GIB
 from nacd.data.benchmarks import FEWSHOT_SPLIT, MCQuestion, load_benchmark, scored_continuations, subjects
 
 log = logging.getLogger(__name__)
@@ -101,9 +104,9 @@ def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[
 
 def fitting_batch_size(model: torch.nn.Module, tokenizer: Any, requests: Sequence[MCRequest],
                        batch_size: int, max_logits_gib: float) -> int:
-    """The largest batch, up to ``batch_size``, whose float32 logits for the longest input take at
-    most ``max_logits_gib``. A forward pass holds batch x length x vocabulary logits and the scorer
-    a log-softmax of them beside: Gemma 3's 262k vocabulary on MMLU's longest prompt (790 tokens)
+    """The harness's batch: the largest, up to ``batch_size``, whose float32 logits for the longest
+    input take at most ``max_logits_gib``. Its forward pass holds batch x length x vocabulary logits
+    and a log-softmax of them beside: Gemma 3's 262k vocabulary on MMLU's longest prompt (790 tokens)
     needs 6.2 GiB of logits at batch 8, which with its copies overran a 24 GiB machine."""
     # the whole string's length is the pair's, however _encode_pair splits it: one encode, not two
     longest = max((len(tokenizer(r.context + c)["input_ids"]) for r in requests for c in r.continuations),
@@ -113,42 +116,70 @@ def fitting_batch_size(model: torch.nn.Module, tokenizer: Any, requests: Sequenc
     return max(1, min(batch_size, fits))
 
 
+def _scored_batches(keys: Sequence[tuple[int, ...]], first_scored: dict[tuple[int, ...], int],
+                    batch_size: int, max_logit_rows: int) -> list[list[tuple[int, ...]]]:
+    """Consecutive runs of ``keys`` (longest first) of at most ``batch_size`` inputs whose kept
+    logits, batch x (longest input - earliest scored position) rows, stay within ``max_logit_rows``.
+    An input alone is never split, whatever its rows."""
+    batches: list[list[tuple[int, ...]]] = []
+    for key in keys:
+        batch = batches[-1] if batches else None
+        if batch is not None and len(batch) < batch_size:
+            first = min(first_scored[k] for k in (*batch, key))
+            if (len(batch) + 1) * (len(batch[0]) - first) <= max_logit_rows:
+                batch.append(key)
+                continue
+        batches.append([key])
+    return batches
+
+
 @torch.no_grad()
 def continuation_logprobs(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]],
-                          batch_size: int = 8) -> list[float]:
+                          batch_size: int = 8, max_logits_gib: float = MAX_LOGITS_GIB) -> list[float]:
     """Sum of log p(continuation tokens | context) for each (context, continuation) pair.
 
     Pairs whose model input is identical (single-token continuations of one context, e.g. MMLU's
     " A".." D") share one forward pass. Batched longest-first with right padding (padding never
-    precedes a scored token); the softmax is taken only at scored positions."""
+    precedes a scored token). Only the positions from the batch's earliest scored one on go through
+    the output layer (``logits_to_keep``): with Gemma 3's 262k vocabulary that layer is 60 % of a
+    forward pass, and MMLU scores one position of a ~100-token prompt. ``max_logits_gib`` caps the
+    float32 logits a batch keeps."""
     encoded = [_encode_pair(tokenizer, c, x) for c, x in pairs]
     # the last token is never an input: its prediction is not needed
     inputs: dict[tuple[int, ...], list[int]] = {}
+    first_scored: dict[tuple[int, ...], int] = {}
     for i, (ctx, cont) in enumerate(encoded):
-        inputs.setdefault(tuple(ctx + cont[:-1]), []).append(i)
+        key = tuple(ctx + cont[:-1])
+        inputs.setdefault(key, []).append(i)
+        # the logits at position len(ctx) - 1 predict the continuation's first token
+        first_scored[key] = min(first_scored.get(key, len(key)), len(ctx) - 1)
     keys = sorted(inputs, key=len, reverse=True)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    max_logit_rows = int(max_logits_gib * 2**30) // (vocab * 4)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     out = [0.0] * len(encoded)
-    for start in range(0, len(keys), batch_size):
-        batch = keys[start:start + batch_size]
+    for batch in _scored_batches(keys, first_scored, batch_size, max_logit_rows):
         width = len(batch[0])
+        first = min(first_scored[k] for k in batch)
         ids = torch.tensor([list(k) + [pad] * (width - len(k)) for k in batch], device=device)
         mask = torch.tensor([[1] * len(k) + [0] * (width - len(k)) for k in batch], device=device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        # logits of positions first .. width - 1 (an int keeps the last ones; it is >= 1 here)
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits
         for row, key in enumerate(batch):
             for i in inputs[key]:
                 ctx, cont = encoded[i]
-                rows = logits[row, len(ctx) - 1:len(ctx) - 1 + len(cont)].float().log_softmax(-1)
+                start = len(ctx) - 1 - first
+                rows = logits[row, start:start + len(cont)].float().log_softmax(-1)
                 out[i] = float(rows[torch.arange(len(cont)), torch.tensor(cont, device=device)].sum())
     return out
 
 
 def score_requests(model: torch.nn.Module, tokenizer: Any, requests: Sequence[MCRequest],
-                   batch_size: int = 8) -> dict:
+                   batch_size: int = 8, max_logits_gib: float = MAX_LOGITS_GIB) -> dict:
     """acc / acc_norm (and per-subject acc) from per-choice log-likelihoods."""
     pairs = [(r.context, c) for r in requests for c in r.continuations]
-    flat = continuation_logprobs(model, tokenizer, pairs, batch_size)
+    flat = continuation_logprobs(model, tokenizer, pairs, batch_size, max_logits_gib)
     per_question, k = [], 0
     for r in requests:
         lls = flat[k:k + len(r.continuations)]
@@ -185,8 +216,7 @@ def score_direct(model: torch.nn.Module, tokenizer: Any, benchmark: str, split: 
     questions = limit_questions(load_benchmark(benchmark, split, data_dir), limit)
     fewshot = load_benchmark(benchmark, FEWSHOT_SPLIT[benchmark], data_dir) if shots else []
     requests = build_requests(benchmark, questions, shots, fewshot)
-    batch = fitting_batch_size(model, tokenizer, requests, batch_size, max_logits_gib)
-    return {**score_requests(model, tokenizer, requests, batch), "batch_size": batch}
+    return {**score_requests(model, tokenizer, requests, batch_size, max_logits_gib), "batch_size": batch_size}
 
 
 # --------------------------------------------------------------------------- lm-eval
