@@ -90,7 +90,9 @@ def build_pipeline(s3_secret: str = DEFAULT_S3_SECRET, gpus: bool = True):
         # The seeds may be LESS's rows (seed_selection.method is a run parameter, so the edge is
         # always there): distill waits for select_less, which runs beside the longer experts. Cost:
         # a changed `selection` re-runs select_seeds and so distill even with method=random (the
-        # cache keys on the input artifact); a dsl.If on the method with dsl.OneOf would avoid it.
+        # cache keys on the input artifact). A dsl.If on the method, joined by dsl.OneOf, would avoid
+        # it on a cluster, but kfp.local (2.17) cannot resolve an artifact OneOf ("Expected 1
+        # artifact in ArtifactSelectorSpec. Got: 2"), and the laptop run must be the same DAG.
         seeds = c.select_seeds(budget=budget, seed_selection=seed_selection, dataset=dataset,
                                less_variant=less.outputs["variant"])
         dist = c.distill(budget=budget, source=source, distill=distill, storage=storage,

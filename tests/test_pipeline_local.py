@@ -92,6 +92,19 @@ def test_rerun_and_changed_distill(first_run, shared_data):
             assert row == old[key]
 
 
+def test_less_seeds_run_through_the_dag(first_run, shared_data):
+    work, _, first_dir = first_run
+    less = nacd("run", "--config", str(TINY), "--data-dir", str(shared_data), "--root",
+                str(work / "runs"), "--set", "seed_selection.method=less", cwd=work)
+    run_dir = run_dir_of(less)
+    plain, _ = executed_dirs(run_dir)
+    assert plain == {"select-seeds", "distill", "project-ids", "report"}, plain
+    picked = json.loads((run_dir / "select-seeds" / "seeds" / "seeds.json").read_text())
+    less_ids = [json.loads(line)["id"] for line in
+                (first_dir / "select-less" / "variant" / "data.jsonl").read_text().splitlines()]
+    assert picked["method"] == "less" and sorted(picked["ids"]) == sorted(less_ids)
+
+
 def test_single_step_rerun_reproduces_the_output(first_run, tmp_path, shared_data):
     work, _, run_dir = first_run
     out = tmp_path / "random"
