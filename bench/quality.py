@@ -547,7 +547,23 @@ def summarise(rows: list[dict]) -> str:
                 cmp += [f"{100 * statistics.fmean(diffs):+.1f}" if diffs else "-", p_text]
             lines.append(f"| {100 * b:g} % | {v} | " + " | ".join(cmp) + " |")
         lines.append("")
-    return "\n".join(lines + diagnostics_table(rows))
+    return "\n".join(lines + scorer_note(rows) + diagnostics_table(rows))
+
+
+def scorer_note(rows: list[dict]) -> list[str]:
+    """Which rows nacd's direct scorer made, where the record mixes it with the harness's."""
+    direct: dict[tuple[str, str], set[str]] = {}
+    for r in rows:
+        if r.get("method", "lm_eval") == "direct":
+            direct.setdefault((r["setting"], r["target"]), set()).add(
+                "none" if r["variant"] == "none" else f"seed {r['seed']}")
+    if not direct or all(r.get("method") == "direct" for r in rows):
+        return []
+    where = "; ".join(f"setting {s} · {t}: {', '.join(sorted(labels))}" for (s, t), labels in sorted(direct.items()))
+    text = ("Every row is scored by lm-evaluation-harness but these, scored by nacd's direct scorer "
+            "(`evaluation.method=direct`: the same log-likelihoods, the output layer run only at scored "
+            f"positions; `bench/scoring_speed.py` checks the two agree): {where}.")
+    return ["## Scorers", "", text, ""]
 
 
 def diagnostics_table(rows: list[dict]) -> list[str]:

@@ -161,6 +161,13 @@ def test_summary_pairs_seeds(quality):
     assert cells[2] == "+5.0" and cells[4] == "+1.7"
     t = math.sqrt(3)  # diffs 10, 0, 5: mean 5, sd 5; with 2 dof the two-sided p is 1 - t / sqrt(2 + t^2)
     assert float(cells[3]) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-3)
+    assert "## Scorers" not in md  # rows without a method are the harness's, as before the field
+    # a record that mixes scorers names the rows nacd's direct scorer made
+    for r in rows:
+        r["method"] = "direct" if r["variant"] == "none" or r["seed"] == 2 else "lm_eval"
+    note = quality.summarise(rows).split("## Scorers", 1)[1]
+    assert "setting A · t: none, seed 2." in note
+    assert "## Scorers" not in quality.summarise([{**r, "method": "direct"} for r in rows])
 
 
 def test_an_identical_text_reuses_its_twins_evaluation(quality, tmp_path):
