@@ -216,7 +216,8 @@ class EvaluationConfig(Section):
     max_logits_gib: float = Field(MAX_LOGITS_GIB, gt=0)
     # lm_eval: lm-evaluation-harness's own tasks, as published numbers are scored. direct: the same
     # log-likelihoods by nacd's scorer (tests hold the two equal), which runs the output layer only
-    # at scored positions: several times faster for large vocabularies (Gemma 3's 262k).
+    # at scored positions: on 2 CPU cores 1.7-1.8x the harness's speed on Gemma 3 270M (262k
+    # vocabulary), 1.3x on SmolLM2 (bench/results/scoring_speed.json).
     method: Literal["lm_eval", "direct"] = "lm_eval"
 
     @model_validator(mode="after")
