@@ -34,8 +34,10 @@ Gemma 3 270M; the full-data variant 12 min on SmolLM2. ``--scale small --only-se
 0.05 --seeds 0,1,2 --full-seeds 0 --targets smollm2-135m-instruct`` therefore takes about 75 min
 from nothing. Setting B (363-row pool, SmolLM2 only, no full data) took 57 min for one seed: experts
 2 x 3.5 min, distill 7, LESS 7, and 9.3 min per evaluation (ARC-Easy 2.2, all 1531 MMLU val
-questions 7). The latest results are in ``bench/results/quality.md``: its command line, then the
-notes in ``bench/results/quality-notes.md`` on the earlier commands whose stages it reused.
+questions 7). Gemma 3 on setting B takes 20-30 min per evaluation with the harness, about 9 with
+``--set evaluation.method=direct`` (the same scores; see bench/scoring_speed.py). The latest results
+are in ``bench/results/quality.md``: its command line, then the notes in
+``bench/results/quality-notes.md`` on the earlier commands whose stages it reused.
 """
 from __future__ import annotations
 
