@@ -4,8 +4,8 @@
 (none for the ``none`` variant) with ``cfg.evaluation.finetune_for(target)`` and scores every benchmark in
 ``cfg.evaluation.benchmarks`` with ``cfg.evaluation.method`` (lm-evaluation-harness by default).
 ``out_dir`` (written atomically) gets ``scores.json`` (rows of docs/stages.md), ``evaluate.json``
-(the inputs, for reuse) and, after fine-tuning with LoRA, ``adapter/`` (peft ``save_pretrained``). A second call with the same inputs
-returns the stored rows.
+(the inputs, for reuse) and, after fine-tuning with LoRA, ``adapter/`` (peft ``save_pretrained``).
+A second call with the same inputs returns the stored rows.
 """
 from __future__ import annotations
 
