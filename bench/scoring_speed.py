@@ -44,6 +44,8 @@ def compare(model, tok, benchmark: str, split: str, data_dir: str, limit: int | 
 
 
 def main() -> None:
+    import torch
+
     from nacd.config import MAX_LOGITS_GIB
     from nacd.evaluation.run import load_target
 
@@ -58,14 +60,14 @@ def main() -> None:
     args = ap.parse_args()
 
     rows = []
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         model, tok = load_target(name)
         for benchmark, split, limit in [("arc_easy", "validation", args.arc_limit), ("mmlu", "val", args.mmlu_limit)]:
             rows.append({"model": name, **compare(model, tok, benchmark, split, args.data_dir, limit,
                                                   args.batch_size, args.max_logits_gib)})
-            args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"batch_size": args.batch_size, "max_logits_gib": args.max_logits_gib,
-                                             "threads": __import__("torch").get_num_threads(), "rows": rows},
+                                             "threads": torch.get_num_threads(), "rows": rows},
                                             indent=2) + "\n")
     print_table(rows, [("model", lambda r: r["model"]), ("benchmark", lambda r: r["benchmark"]),
                        ("questions", lambda r: str(r["questions"])),

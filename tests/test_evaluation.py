@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -21,6 +22,17 @@ def _hand_logprob(model, tok, context: str, continuation: str) -> float:
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
     return sum(float(logp[t - 1, whole[t]]) for t in range(len(ctx), len(whole)))
+
+
+@contextmanager
+def _output_layer_inputs(model, record=lambda x: x.shape):
+    """``record`` of every input the model's output layer receives, while the block runs."""
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(record(args[0])))
+    try:
+        yield seen
+    finally:
+        hook.remove()
 
 
 @pytest.mark.parametrize("target", ["tiny-llama", "tiny-gemma3", "tiny-opt"])
@@ -50,12 +62,8 @@ def test_the_output_layer_runs_only_where_a_token_is_scored(shared_data):
     model, tok = load_target("tiny-gemma3")
     reqs = build_requests("mmlu", load_benchmark("mmlu", "dev", shared_data)[:3], 0)
     pairs = [(r.context, c) for r in reqs for c in r.continuations]
-    seen = []
-    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
-    try:
+    with _output_layer_inputs(model) as seen:
         alone = continuation_logprobs(model, tok, pairs, batch_size=1)
-    finally:
-        hook.remove()
     # MMLU's four letters share one input and are scored at its last position only
     assert [tuple(s[:2]) for s in seen] == [(1, 1)] * 3
     hand = [_hand_logprob(model, tok, c, x) for c, x in pairs]
@@ -69,13 +77,9 @@ def test_a_frozen_model_gets_a_contiguous_input_to_its_output_layer(shared_data)
         p.requires_grad_(False)
     reqs = build_requests("arc_easy", load_benchmark("arc_easy", "validation", shared_data)[:3])
     pairs = [(r.context, c) for r in reqs for c in r.continuations]
-    head = model.get_output_embeddings()
-    seen = []
-    hook = head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
-    try:
+    with _output_layer_inputs(model, lambda x: x.is_contiguous()) as seen:
         got = continuation_logprobs(model, tok, pairs, batch_size=4)
-    finally:
-        hook.remove()
+    head = model.get_output_embeddings()
     assert seen and all(seen) and not head._forward_pre_hooks  # and the scorer's own hook is gone
     assert got == pytest.approx([_hand_logprob(model, tok, c, x) for c, x in pairs], abs=1e-4)
 
@@ -84,13 +88,9 @@ def test_direct_batches_keep_their_logits_under_the_cap(shared_data):
     model, tok = load_target("tiny-llama")
     reqs = build_requests("arc_easy", load_benchmark("arc_easy", "validation", shared_data)[:12])
     pairs = [(r.context, c) for r in reqs for c in r.continuations]
-    kept = []
-    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: kept.append(args[0].shape))
     row_gib = model.config.vocab_size * 4 / 2**30  # float32 logits of one position
-    try:
+    with _output_layer_inputs(model) as kept:
         capped = continuation_logprobs(model, tok, pairs, batch_size=8, max_logits_gib=40 * row_gib)
-    finally:
-        hook.remove()
     # a batch keeps at most 40 positions' logits, unless one input alone needs more
     assert all(b * n <= 40 or b == 1 for b, n, _ in kept) and max(b for b, _, _ in kept) > 1
     assert capped == pytest.approx(continuation_logprobs(model, tok, pairs, batch_size=8), abs=1e-4)

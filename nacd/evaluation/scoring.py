@@ -118,19 +118,20 @@ def fitting_batch_size(model: torch.nn.Module, tokenizer: Any, requests: Sequenc
 
 
 def _scored_batches(keys: Sequence[tuple[int, ...]], first_scored: dict[tuple[int, ...], int],
-                    batch_size: int, max_logit_rows: int) -> list[list[tuple[int, ...]]]:
+                    batch_size: int, max_logit_rows: int) -> list[tuple[list[tuple[int, ...]], int]]:
     """Consecutive runs of ``keys`` (longest first) of at most ``batch_size`` inputs whose kept
-    logits, batch x (longest input - earliest scored position) rows, stay within ``max_logit_rows``.
-    An input alone is never split, whatever its rows."""
-    batches: list[list[tuple[int, ...]]] = []
+    logits, batch x (longest input - earliest scored position) rows, stay within ``max_logit_rows``,
+    each with that earliest scored position. An input alone is never split, whatever its rows."""
+    batches: list[tuple[list[tuple[int, ...]], int]] = []
     for key in keys:
-        batch = batches[-1] if batches else None
-        if batch is not None and len(batch) < batch_size:
-            first = min(first_scored[k] for k in (*batch, key))
-            if (len(batch) + 1) * (len(batch[0]) - first) <= max_logit_rows:
+        if batches:
+            batch, first = batches[-1]
+            joined = min(first, first_scored[key])
+            if len(batch) < batch_size and (len(batch) + 1) * (len(batch[0]) - joined) <= max_logit_rows:
                 batch.append(key)
+                batches[-1] = (batch, joined)
                 continue
-        batches.append([key])
+        batches.append(([key], first_scored[key]))
     return batches
 
 
@@ -155,20 +156,18 @@ def continuation_logprobs(model: torch.nn.Module, tokenizer: Any, pairs: Sequenc
         # the logits at position len(ctx) - 1 predict the continuation's first token
         first_scored[key] = min(first_scored.get(key, len(key)), len(ctx) - 1)
     keys = sorted(inputs, key=len, reverse=True)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    max_logit_rows = int(max_logits_gib * 2**30) // (vocab * 4)
+    head = model.get_output_embeddings()
+    max_logit_rows = int(max_logits_gib * 2**30) // (head.weight.shape[0] * 4)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = [0.0] * len(encoded)
     # The model slices its hidden states before the output layer. On CPU, a non-contiguous 3-D input
     # times a weight that does not require grad (a fine-tuned model, frozen and merged) runs as bmm
     # over an expanded weight, ~5x slower than the folded mm: such a Gemma 3 scored at half speed.
-    head = model.get_output_embeddings()
     contiguous_input = head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
     device = next(model.parameters()).device
     try:
-        for batch in _scored_batches(keys, first_scored, batch_size, max_logit_rows):
+        for batch, first in _scored_batches(keys, first_scored, batch_size, max_logit_rows):
             width = len(batch[0])
-            first = min(first_scored[k] for k in batch)
             ids = torch.tensor([list(k) + [pad] * (width - len(k)) for k in batch], device=device)
             mask = torch.tensor([[1] * len(k) + [0] * (width - len(k)) for k in batch], device=device)
             # logits of positions first .. width - 1 (an int keeps the last ones; it is >= 1 here)
