@@ -554,14 +554,18 @@ def summarise(rows: list[dict]) -> str:
 
 def scorer_note(rows: list[dict]) -> list[str]:
     """Which rows nacd's direct scorer made, where the record mixes it with the harness's."""
-    direct: dict[tuple[str, str], set[str]] = {}
+    # (budget, seed) of each fine-tuned variant's rows; none is one scoring for every budget
+    direct: dict[tuple[str, str], set[tuple[float, int]]] = {}
     for r in rows:
         if r.get("method", "lm_eval") == "direct":
             direct.setdefault((r["setting"], r["target"]), set()).add(
-                "none" if r["variant"] == "none" else f"seed {r['seed']}")
+                (math.inf, -1) if r["variant"] == "none" else (r["budget"], r["seed"]))
     if not direct or all(r.get("method") == "direct" for r in rows):
         return []
-    where = "; ".join(f"setting {s} · {t}: {', '.join(sorted(labels))}" for (s, t), labels in sorted(direct.items()))
+    def label(budget: float, seed: int) -> str:
+        return "none" if budget == math.inf else f"{100 * budget:g} % seed {seed}"
+    where = "; ".join(f"setting {s} · {t}: {', '.join(label(*u) for u in sorted(units))}"
+                      for (s, t), units in sorted(direct.items()))
     text = ("Every row is scored by lm-evaluation-harness but these, scored by nacd's direct scorer "
             "(`evaluation.method=direct`: the same log-likelihoods, the output layer run only at scored "
             f"positions; `bench/scoring_speed.py` checks the two agree): {where}.")

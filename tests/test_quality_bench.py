@@ -164,9 +164,9 @@ def test_summary_pairs_seeds(quality):
     assert "## Scorers" not in md  # rows without a method are the harness's, as before the field
     # a record that mixes scorers names the rows nacd's direct scorer made
     for r in rows:
-        r["method"] = "direct" if r["variant"] == "none" or r["seed"] == 2 else "lm_eval"
+        r["method"] = "direct" if r["variant"] == "none" or r["seed"] == 2 or r["budget"] == 0.1 else "lm_eval"
     note = quality.summarise(rows).split("## Scorers", 1)[1]
-    assert "setting A · t: none, seed 2." in note
+    assert "setting A · t: 5 % seed 2, 10 % seed 0, none." in note  # seed 0 at 5 % is the harness's
     assert "## Scorers" not in quality.summarise([{**r, "method": "direct"} for r in rows])
 
 
