@@ -34,8 +34,10 @@ Gemma 3 270M; the full-data variant 12 min on SmolLM2. ``--scale small --only-se
 0.05 --seeds 0,1,2 --full-seeds 0 --targets smollm2-135m-instruct`` therefore takes about 75 min
 from nothing. Setting B (363-row pool, SmolLM2 only, no full data) took 57 min for one seed: experts
 2 x 3.5 min, distill 7, LESS 7, and 9.3 min per evaluation (ARC-Easy 2.2, all 1531 MMLU val
-questions 7). Gemma 3 on setting B takes 20-30 min per evaluation with the harness, about 9 with
-``--set evaluation.method=direct`` (the same scores; see bench/scoring_speed.py). The latest results
+questions 7). With ``--set evaluation.method=direct`` (the same scores; see bench/scoring_speed.py)
+a SmolLM2 evaluation of setting B takes 4-5 min (ARC-Easy 1, MMLU 3-3.5), its full-data variant
+10 min, and one seed of setting B with full data 41 min with the experts cached; a Gemma 3
+evaluation of setting B takes about 7 min (20-30 with the harness). The latest results
 are in ``bench/results/quality.md``: its command line, then the notes in
 ``bench/results/quality-notes.md`` on the earlier commands whose stages it reused.
 """
