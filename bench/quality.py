@@ -37,7 +37,7 @@ from nothing. Setting B (363-row pool, SmolLM2 only, no full data) took 57 min f
 questions 7). With ``--set evaluation.method=direct`` (the same scores; see bench/scoring_speed.py)
 a SmolLM2 evaluation of setting B takes 4-5 min (ARC-Easy 1, MMLU 3-3.5), its full-data variant
 10 min, and one seed of setting B with full data 41 min with the experts cached; a Gemma 3
-evaluation of setting B takes about 7 min (20-30 with the harness). The latest results
+evaluation of setting B takes about 8 min (20-30 with the harness). The latest results
 are in ``bench/results/quality.md``: its command line, then the notes in
 ``bench/results/quality-notes.md`` on the earlier commands whose stages it reused.
 """
