@@ -515,6 +515,10 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.fmean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
+def percent(budget: float) -> str:
+    return f"{100 * budget:g} %"
+
+
 def summarise(rows: list[dict]) -> str:
     """Markdown: accuracy table per (setting, target, benchmark), then the paired differences."""
     key = lambda r: (r["setting"], r["target"], r["benchmark"])  # noqa: E731
@@ -527,7 +531,7 @@ def summarise(rows: list[dict]) -> str:
         budgets = sorted({r["budget"] for r in rs})
         variants = sorted({r["variant"] for r in rs}, key=lambda v: (v not in ("distilled", "random", "less"), v))
         lines += [f"## Setting {setting} · target {target} · {bench}", "",
-                  "| variant | " + " | ".join(f"{100 * b:g} %" if b < 1 else f"{b:g}" for b in budgets) + " |",
+                  "| variant | " + " | ".join(percent(b) if b < 1 else f"{b:g}" for b in budgets) + " |",
                   "|---|" + "---|" * len(budgets)]
         for v in variants:
             cells = []
@@ -549,24 +553,24 @@ def summarise(rows: list[dict]) -> str:
                 p_text = ("-" if not diffs else "1 seed" if len(diffs) < 2
                           else "no spread" if math.isnan(p) else f"{p:.3f}")
                 cmp += [f"{100 * statistics.fmean(diffs):+.1f}" if diffs else "-", p_text]
-            lines.append(f"| {100 * b:g} % | {v} | " + " | ".join(cmp) + " |")
+            lines.append(f"| {percent(b)} | {v} | " + " | ".join(cmp) + " |")
         lines.append("")
     return "\n".join(lines + scorer_note(rows) + diagnostics_table(rows))
 
 
 def scorer_note(rows: list[dict]) -> list[str]:
     """Which rows nacd's direct scorer made, where the record mixes it with the harness's."""
-    # (budget, seed) of each fine-tuned variant's rows; none is one scoring for every budget
-    direct: dict[tuple[str, str], set[tuple[float, int]]] = {}
+    # (budget, seed) of each fine-tuned variant's rows; None for none, one scoring for every budget
+    direct: dict[tuple[str, str], set[tuple[float, int] | None]] = {}
     for r in rows:
         if r.get("method", "lm_eval") == "direct":
             direct.setdefault((r["setting"], r["target"]), set()).add(
-                (math.inf, -1) if r["variant"] == "none" else (r["budget"], r["seed"]))
+                None if r["variant"] == "none" else (r["budget"], r["seed"]))
     if not direct or all(r.get("method") == "direct" for r in rows):
         return []
-    def label(budget: float, seed: int) -> str:
-        return "none" if budget == math.inf else f"{100 * budget:g} % seed {seed}"
-    where = "; ".join(f"setting {s} · {t}: {', '.join(label(*u) for u in sorted(units))}"
+    where = "; ".join(f"setting {s} · {t}: "
+                      + ", ".join([f"{percent(b)} seed {seed}" for b, seed in sorted(u for u in units if u)]
+                                  + (["none"] if None in units else []))
                       for (s, t), units in sorted(direct.items()))
     text = ("Every row is scored by lm-evaluation-harness but these, scored by nacd's direct scorer "
             "(`evaluation.method=direct`: the same log-likelihoods, the output layer run only at scored "
@@ -592,7 +596,7 @@ def diagnostics_table(rows: list[dict]) -> list[str]:
         changed = "-" if d["prompt_tokens_changed"] is None else f"{d['prompt_tokens_changed']}/{d['prompt_tokens']}"
         if d.get("instruction_tokens_changed") is not None:
             changed += f" + {d['instruction_tokens_changed']}/{d['instruction_tokens']} instruction"
-        lines.append(f"| {setting} | {100 * budget:g} % | {variant} | {seed} | {d['l_match_first5']:.3f} | "
+        lines.append(f"| {setting} | {percent(budget)} | {variant} | {seed} | {d['l_match_first5']:.3f} | "
                      f"{d['l_match_last5']:.3f} | {d['alpha_last']:.3g} | {changed} | {d['nn_distance_mean']:.2f} |")
     return lines + [""]
 
