@@ -568,14 +568,17 @@ def scorer_note(rows: list[dict]) -> list[str]:
                 None if r["variant"] == "none" else (r["budget"], r["seed"]))
     if not direct or all(r.get("method") == "direct" for r in rows):
         return []
-    where = "; ".join(f"setting {s} · {t}: "
-                      + ", ".join([f"{percent(b)} seed {seed}" for b, seed in sorted(u for u in units if u)]
-                                  + (["none"] if None in units else []))
-                      for (s, t), units in sorted(direct.items()))
+    where = "; ".join(f"setting {s} · {t}: {scored_units(units)}" for (s, t), units in sorted(direct.items()))
     text = ("Every row is scored by lm-evaluation-harness but these, scored by nacd's direct scorer "
             "(`evaluation.method=direct`: the same log-likelihoods, the output layer run only at scored "
             f"positions; `bench/scoring_speed.py` checks the two agree): {where}.")
     return ["## Scorers", "", text, ""]
+
+
+def scored_units(units: set[tuple[float, int] | None]) -> str:
+    """'5 % seed 2, 10 % seed 0, none': the fine-tuned units in budget order, then the untuned model."""
+    labels = [f"{percent(budget)} seed {seed}" for budget, seed in sorted(u for u in units if u is not None)]
+    return ", ".join(labels + (["none"] if None in units else []))
 
 
 def diagnostics_table(rows: list[dict]) -> list[str]:
