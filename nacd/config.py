@@ -124,6 +124,11 @@ class DistillConfig(Section):
     lr_alpha: float = Field(1e-2, gt=0)
     init_alpha: float = Field(1e-2, gt=0)  # student lr = exp(log_alpha), starts here
     max_alpha: float = Field(10.0, gt=0)  # guard against alpha blow-up
+    # guard against one diverged unrolled segment: each outer gradient (the embeddings' together,
+    # log_alpha's) is scaled to at most this norm before the optimizer step. Unclipped, a norm of
+    # 1.9e7 (typical: 0.3-700) filled Adam's second moment and steered 9 of 36 rows by that one
+    # gradient for the rest of the run (bench/results/quality-notes.md). None: no clipping.
+    max_grad_norm: float | None = Field(None, gt=0)
     beta: float = Field(0.1, ge=0)  # neighbour regulariser weight
     distance: Literal["euclidean", "cosine"] = "euclidean"
     grad_mode: Literal["reverse", "unroll", "first_order"] = "reverse"  # first_order: approximation

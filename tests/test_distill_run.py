@@ -10,7 +10,7 @@ import torch
 
 from nacd.config import ConfigError, ParamSpaceConfig, RunConfig, load_config
 from nacd.distill.losses import Student
-from nacd.distill.run import Distiller, DistillError, distill
+from nacd.distill.run import Distiller, DistillError, _fingerprint, distill
 from nacd.distill.synthetic import SyntheticSet, SyntheticSetError
 from nacd.models import ParamSpace, load_model, load_tokenizer, make_trainable
 from nacd.trajectories import TrajectoryWriter, open_store
@@ -188,6 +188,34 @@ def test_alpha_is_clamped_to_max_alpha(tiny_env):
     assert float(loop.log_alpha.exp()) == pytest.approx(0.2)
     loop.run(3, None, progress=False)
     assert all(h["alpha"] <= 0.2 * (1 + 1e-6) for h in loop.history)
+
+
+def test_max_grad_norm_scales_the_step_and_keeps_its_direction(tiny_env):
+    """With SGD the step is lr x gradient, so a clipped iteration moves the embeddings by the unclipped
+    step x (limit / norm) and log_alpha by lr x limit at most; the history keeps the unclipped norms."""
+    free = tiny_loop(tiny_env, tiny_cfg(optimizer="sgd"))
+    start_prompt, start_alpha = free.prompt.detach().clone(), free.log_alpha.detach().clone()
+    free.run(1, None, progress=False)
+    raw, raw_alpha = free.history[0]["grad_norm_prompt"], abs(free.history[0]["grad_log_alpha"])
+    limit = min(raw, raw_alpha) / 4
+    clipped = tiny_loop(tiny_env, tiny_cfg(optimizer="sgd", max_grad_norm=limit))
+    assert torch.equal(clipped.prompt.detach(), start_prompt)
+    clipped.run(1, None, progress=False)
+    h = clipped.history[0]
+    assert h["grad_clipped"] and not free.history[0]["grad_clipped"]
+    assert h["grad_norm_prompt"] == raw and h["l_match"] == free.history[0]["l_match"]
+    step_free, step_clipped = free.prompt.detach() - start_prompt, clipped.prompt.detach() - start_prompt
+    torch.testing.assert_close(step_clipped, step_free * (limit / raw), rtol=1e-4, atol=1e-8)  # float32 p - lr g
+    assert float(step_clipped.norm()) == pytest.approx(1e-2 * limit, rel=1e-4)  # lr_embeddings 1e-2
+    alpha_step = float(clipped.log_alpha.detach() - start_alpha)
+    assert abs(alpha_step) == pytest.approx(1e-1 * limit, rel=1e-4)  # lr_alpha 1e-1, |gradient| at the limit
+    # a limit above both norms leaves the run as it was
+    loose = tiny_loop(tiny_env, tiny_cfg(optimizer="sgd", max_grad_norm=2 * max(raw, raw_alpha)))
+    loose.run(1, None, progress=False)
+    assert not loose.history[0]["grad_clipped"] and torch.equal(loose.prompt.detach(), free.prompt.detach())
+    # checkpoints of an unclipped run are not resumed with clipping (nor the other way round)
+    experts = open_store(tiny_env["store"]).experts()
+    assert _fingerprint(tiny_cfg(), [0], experts) != _fingerprint(tiny_cfg(max_grad_norm=limit), [0], experts)
 
 
 def test_large_beta_pulls_embeddings_onto_vocabulary_rows(tiny_env):

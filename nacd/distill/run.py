@@ -12,6 +12,8 @@ Guards:
 - alpha blow-up: after every step log_alpha is clamped to ``log(max_alpha)`` (a documented clamp,
   not an error: a learning rate that wants to grow past ``max_alpha`` keeps the largest
   allowed value; the history records ``alpha_clamped``).
+- gradient spikes: with ``max_grad_norm`` set, each outer gradient is clipped to that norm before
+  the step (the history keeps the unclipped norms and records ``grad_clipped``).
 
 Checkpoints (``out_dir/checkpoints/iter-NNNNNN/``, every ``checkpoint_every`` iterations and at
 the end) are model-free: learnable tensors, optimizer states, the sampler's RNG state, the
@@ -208,26 +210,36 @@ class Distiller:
         if self.instruction is not None:
             self.instruction.grad = out.grad_instruction.to(dtype)
         self.log_alpha.grad = out.grad_log_alpha.to(dtype).reshape(())
+        norms = {"grad_norm_prompt": float(out.grad_prompt.norm()),
+                 "grad_norm_instruction": None if out.grad_instruction is None else float(out.grad_instruction.norm()),
+                 "grad_log_alpha": float(out.grad_log_alpha)}  # before clipping, which scales them in place
+        clipped = self._clip_gradients()
         self.opt_embeddings.step()
         self.opt_alpha.step()
         self.opt_embeddings.zero_grad(set_to_none=True)
         self.opt_alpha.zero_grad(set_to_none=True)
         limit = math.log(cfg.max_alpha)
-        clamped = bool(self.log_alpha.detach() > limit)
+        alpha_clamped = bool(self.log_alpha.detach() > limit)
         with torch.no_grad():
             self.log_alpha.clamp_(max=limit)
         _finite("an updated embedding", self.prompt.detach(), it)
         record = {"iteration": it, "expert": traj.name, "start": t, "l_match": out.l_match, "l_reg": out.l_reg,
                   "loss": out.l_match + cfg.beta * out.l_reg, "alpha": float(self.log_alpha.detach().exp()),
-                  "alpha_clamped": clamped, "grad_norm_prompt": float(out.grad_prompt.norm()),
-                  "grad_norm_instruction": (None if out.grad_instruction is None
-                                            else float(out.grad_instruction.norm())),
-                  "grad_log_alpha": float(out.grad_log_alpha), "exact": out.exact,
+                  "alpha_clamped": alpha_clamped, **norms, "grad_clipped": clipped, "exact": out.exact,
                   "prompt_tokens_changed": self.syn.prompt_tokens_changed(out.nearest_ids),
                   "seconds": time.perf_counter() - t0}
         self.history.append(record)
         self.iteration += 1
         return record
+
+    def _clip_gradients(self) -> bool:
+        """Scale the embeddings' joint gradient and log_alpha's to at most ``max_grad_norm``; True if either was."""
+        limit = self.cfg.max_grad_norm
+        if limit is None:
+            return False
+        groups = [[p for group in opt.param_groups for p in group["params"]]
+                  for opt in (self.opt_embeddings, self.opt_alpha)]
+        return any([float(torch.nn.utils.clip_grad_norm_(params, limit)) > limit for params in groups])
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, ckpt_root: Path) -> Path:
@@ -349,7 +361,8 @@ def _read_seed_rows(dataset_dir: str | Path, indices: list[int]) -> list[dict]:
 
 
 def _fingerprint(cfg: RunConfig, indices: list[int], experts: Sequence[Trajectory]) -> str:
-    d = cfg.distill.model_dump(mode="json")
+    # an unset option (None) is the same run as one made before that option existed
+    d = {k: v for k, v in cfg.distill.model_dump(mode="json").items() if v is not None}
     for volatile in ("iterations", "checkpoint_every"):
         d.pop(volatile)
     blob = json.dumps({"distill": d, "source": cfg.source.model_dump(mode="json"), "seeds": indices,
