@@ -239,7 +239,8 @@ class Distiller:
             return False
         groups = [[p for group in opt.param_groups for p in group["params"]]
                   for opt in (self.opt_embeddings, self.opt_alpha)]
-        return any([float(torch.nn.utils.clip_grad_norm_(params, limit)) > limit for params in groups])
+        clipped = [float(torch.nn.utils.clip_grad_norm_(params, limit)) > limit for params in groups]
+        return any(clipped)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, ckpt_root: Path) -> Path:
