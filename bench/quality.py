@@ -113,8 +113,8 @@ ABLATIONS: dict[str, list[str]] = {
     "straight_through_less_seeds": STRAIGHT_THROUGH + ["seed_selection.method=less"],
     # its control: LESS's rows behind the prefix the continuous default leaves at its initial tokens
     "less_seeds": ["seed_selection.method=less"],
-    # its seed 2 had outer gradient norms of 9.7e4 and 6.7e6 (iterations 14 and 19) against 0.6-510
-    # in the rest: the same run with each gradient clipped to 1000 (distill.max_grad_norm)
+    # its seed 2 had outer gradient norms of 9.7e4, 2.0e3 and 6.7e6 (iterations 14, 18, 19) against
+    # 0.6-510 in the rest: the same run with each gradient clipped to 1000 (distill.max_grad_norm)
     "less_seeds_clip1000": ["seed_selection.method=less", "distill.max_grad_norm=1000"],
     # distillation may rewrite the seed's instruction tokens too, not only an 8-token prefix
     "straight_through_instruction": STRAIGHT_THROUGH + ["distill.learnable_instruction=true"],
