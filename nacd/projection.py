@@ -136,7 +136,8 @@ def project_ids(cfg, synthetic_dir: str | Path, out_dir: str | Path) -> dict:
                               f"the config's source model is '{cfg.source.name}'")
     distance = syn.meta.get("distance", cfg.distill.distance)
     exclude_special = syn.meta.get("exclude_special_tokens", cfg.distill.exclude_special_tokens)
-    table = input_embedding_matrix(load_model(name, revision=revision))
+    # on the CPU, where the learnt vectors are read to: one nearest-row search needs no GPU
+    table = input_embedding_matrix(load_model(name, revision=revision, device="cpu"))
     syn.check_hidden_size(table.shape[1], f"source model '{name}'")
     tokenizer = load_tokenizer(name, revision)
     special = [i for i in special_token_ids(tokenizer) if i < table.shape[0]]

@@ -145,7 +145,7 @@ def _adjoint_pass(student: Student, start: torch.Tensor, target: torch.Tensor, s
         leaf.requires_grad_(True)
     leaves = inp.leaves()
     acc = [torch.zeros_like(leaf) for leaf in leaves]
-    d_alpha = torch.zeros((), dtype=lam.dtype)
+    d_alpha = torch.zeros((), dtype=lam.dtype, device=lam.device)
     for i in reversed(range(len(schedule))):
         theta = thetas[i].detach().requires_grad_(True)
         (g,) = torch.autograd.grad(inp.loss(theta, schedule[i]), theta, create_graph=True)

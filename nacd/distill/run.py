@@ -153,6 +153,7 @@ class Distiller:
         self.exclude_ids = list(exclude_ids)
         self.fingerprint = fingerprint
         dtype = student.table.dtype
+        syn = syn.to(student.table.device)  # made (or loaded) on the CPU; the student may be on a GPU
         self.syn = syn
         self.prompt = syn.prompt_embeds.detach().to(dtype).clone().requires_grad_(True)
         self.instruction = (None if syn.instruction_embeds is None
@@ -195,8 +196,8 @@ class Distiller:
         t0 = time.perf_counter()
         e, t, schedule = self.draw()
         traj = self.experts[e]
-        dtype = self.student.table.dtype
-        start, target = traj.read(t).to(dtype), traj.read(t + cfg.expert_epochs).to(dtype)
+        device, dtype = self.student.table.device, self.student.table.dtype
+        start, target = (traj.read(t).to(device, dtype), traj.read(t + cfg.expert_epochs).to(device, dtype))
         out = total_gradients(cfg.grad_mode, self.student, start, target, self.current(), schedule,
                               beta=cfg.beta, distance=cfg.distance, table=self.student.table,
                               exclude_ids=self.exclude_ids, straight_through=cfg.straight_through)

@@ -130,11 +130,23 @@ class SyntheticSet:
         return replace(self, prompt_embeds=vectors[:k * p].reshape(k, p, d).to(self.prompt_embeds.dtype),
                        instruction_embeds=instruction)
 
+    def to(self, device: torch.device | str) -> SyntheticSet:
+        """The same set with every tensor on ``device``."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(self, prompt_embeds=move(self.prompt_embeds), seed_input_ids=move(self.seed_input_ids),
+                       seed_labels=move(self.seed_labels), seed_attention_mask=move(self.seed_attention_mask),
+                       log_alpha=move(self.log_alpha), instruction_embeds=move(self.instruction_embeds),
+                       init_prompt_ids=move(self.init_prompt_ids))
+
     def prompt_tokens_changed(self, prompt_ids: torch.Tensor) -> int | None:
         """How many of ``prompt_ids`` (K*P nearest tokens of the prompt vectors, any shape) differ
         from the tokens the prompt started from; None when it did not start from tokens."""
         init = self.init_prompt_ids
-        return None if init is None else int((prompt_ids.reshape(-1)[:init.numel()] != init.reshape(-1)).sum())
+        if init is None:
+            return None
+        return int((prompt_ids.reshape(-1)[:init.numel()] != init.reshape(-1).to(prompt_ids.device)).sum())
 
     def check_hidden_size(self, hidden_size: int, where: str = "model") -> None:
         if self.hidden_size != hidden_size:

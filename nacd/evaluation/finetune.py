@@ -54,6 +54,7 @@ def finetune(model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict], cfg: 
     torch.manual_seed(cfg.seed)
     model = make_trainable(model, cfg.param_space, seed=cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device  # batches are collated on the CPU
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     per_step = cfg.micro_batch * cfg.grad_accum
     steps = max(1, math.ceil(cfg.epochs * len(data) / per_step))
@@ -65,7 +66,7 @@ def finetune(model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict], cfg: 
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
             batch = collate([data[i] for i in next(batches)], tokenizer.pad_token_id)
-            loss = model(**batch).loss / cfg.grad_accum
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss / cfg.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
         optimizer.step()
