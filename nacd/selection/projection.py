@@ -2,8 +2,8 @@
 
 A LoRA gradient of a 7B model has ~10^7 entries; an 8192-column projection matrix of it would be
 hundreds of GB. The matrix is instead generated in row blocks from (seed, block index), so any
-block can be regenerated identically, and gradients are projected block by block:
-``x @ R = sum_b x[:, rows_b] @ R[rows_b]``. Blocks are kept in memory only while they fit
+block can be regenerated identically (on the same device type), and gradients are projected block
+by block: ``x @ R = sum_b x[:, rows_b] @ R[rows_b]``. Blocks are kept in memory only while they fit
 ``cache_bytes``; otherwise each ``project`` call regenerates them, which is why callers project
 gradients in batches. Entries are +-1/sqrt(k) (Rademacher, as LESS/TRAK) or N(0, 1/k), so
 ``E[<Rx, Ry>] = <x, y>`` and inner products are preserved up to O(1/sqrt(k)).
@@ -41,14 +41,17 @@ class RandomProjector:
         if self._cache is not None and b in self._cache:
             return self._cache[b]
         rows = min(self.block_rows, self.dim_in - b * self.block_rows)
-        # One CPU generator per block, seeded from (seed, b): blocks are independent of call
-        # order and of the device the projection runs on.
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
+        # One generator per block, seeded from (seed, b): blocks are independent of call order.
+        # It runs on the projection's device: a GPU draws a block thousands of times faster than a
+        # CPU, and an uncached matrix (8192 columns of a LoRA gradient: 15 GB) is redrawn on every
+        # call. The draws differ between CPU and CUDA, so the matrix is fixed per device type.
+        gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + b)
+        shape = (rows, self.dim_out)
         if self.kind == "rademacher":
-            r = torch.randint(0, 2, (rows, self.dim_out), generator=gen).to(self.dtype).mul_(2).sub_(1)
+            r = torch.randint(0, 2, shape, generator=gen, device=self.device).to(self.dtype).mul_(2).sub_(1)
         else:
-            r = torch.randn((rows, self.dim_out), generator=gen, dtype=self.dtype)
-        r = r.div_(math.sqrt(self.dim_out)).to(self.device)
+            r = torch.randn(shape, generator=gen, dtype=self.dtype, device=self.device)
+        r = r.div_(math.sqrt(self.dim_out))
         if self._cache is not None:
             self._cache[b] = r
         return r
