@@ -370,20 +370,6 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
     walls["project"] = once(plan, distilled / "variant.json", lambda: project_ids(cfg, syn, distilled),
                             f"{tag}: project", distill_key)
     diagnostics = distill_diagnostics(syn, distilled)
-    variants: dict[str, Path | None] = {("distilled-" + name) if name else "distilled": distilled}
-    wanted = set(cfg.evaluation.variants) if not name else set()
-    if plan.full_seeds is not None and seed not in plan.full_seeds:
-        wanted.discard("full")
-    for vname, fn, vdir in (("random", select_random, unit / "random"), ("less", select_less, less_dir),
-                            ("full", lambda c, d, o: full_variant(d, o), root / "full")):
-        if vname in wanted:
-            wall = once_if_held(plan, vdir / "variant.json", lambda fn=fn, vdir=vdir: fn(cfg, dataset, vdir),
-                                f"{tag}: {vname}", variant_keys[vname])
-            if wall is not None:
-                walls[vname], variants[vname] = wall, vdir
-    if "none" in wanted:
-        variants["none"] = None
-    rows = []
     if name == "no_projection":  # the synthetic set of the headline run, used without projection
         out = unit / "scores" / "no_projection" / cfg.source.name
         walls["eval:no_projection"] = once(plan, out / "scores.json", lambda: evaluate_embeddings(cfg, syn, out),
@@ -392,30 +378,51 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
         return [{**r, "stage_wall_s": walls, "distill_diagnostics": diagnostics}
                 for r in score_rows(out / "scores.json", {"setting": setting, "budget": budget, "seed": seed,
                                                           "variant": "distilled-no_projection"})]
-    # read once per variant, not once per target
-    text_sha256 = {v: training_text_sha256(d) for v, d in variants.items() if v.startswith("distilled")}
-    for target, (vname, vdir) in product(cfg.evaluation.targets, variants.items()):
-        if vname == "full" and plan.full_targets is not None and target not in plan.full_targets:
+    wanted = set(cfg.evaluation.variants) if not name else set()
+    if plan.full_seeds is not None and seed not in plan.full_seeds:
+        wanted.discard("full")
+    selections = {"random": (select_random, unit / "random"), "less": (select_less, less_dir),
+                  "full": (lambda c, d, o: full_variant(d, o), root / "full")}
+    rows = []
+    # Each variant is scored as soon as it exists, the cheap ones first (LESS's per-example gradients
+    # are the slowest stage): a run stopped midway, by a GPU lease's limit say, keeps every score it reached.
+    for vname in (("distilled-" + name) if name else "distilled", "random", "none", "less", "full"):
+        vdir: Path | None = None
+        if vname.startswith("distilled"):
+            vdir = distilled
+        elif vname not in wanted:
             continue
-        # full and none do not depend on the budget: scored once per seed (none once) and reused.
-        where = {"full": root / "scores" / "full" / f"seed-{seed}",
-                 "none": root / "scores" / "none"}.get(vname, unit / "scores" / vname)
-        out = where / target
-        # none is not fine-tuned: only the benchmarks and the target matter. A distilled variant is
-        # keyed by the text it trains on: two distillations that project to the same text share one score.
-        key = ({**scoring_key, "target": target}
-               if vname == "none" else
-               {**eval_key(target), "training_text_sha256": text_sha256[vname]}
-               if vname.startswith("distilled") else {**variant_keys[vname], **eval_key(target)})
-        wall = once_if_held(
-            plan, out / "scores.json",
-            lambda: reuse_twin(plan, unit / "scores", out, key) or evaluate(cfg, target, vname, vdir, out),
-            f"{tag}: evaluate {target} on {vname}", key)
-        if wall is None:
-            continue
-        walls[f"eval:{target}:{vname}"] = wall
-        rows += score_rows(out / "scores.json", {"setting": setting, "budget": budget, "variant": vname,
-                                                 "target": target, "seed": None if vname == "none" else seed})
+        elif vname in selections:
+            fn, vdir = selections[vname]
+            wall = once_if_held(plan, vdir / "variant.json", lambda fn=fn, vdir=vdir: fn(cfg, dataset, vdir),
+                                f"{tag}: {vname}", variant_keys[vname])
+            if wall is None:
+                continue
+            walls[vname] = wall
+        # A distilled variant is keyed by the text it trains on: two distillations that project to
+        # the same text share one score.
+        text_sha256 = training_text_sha256(vdir) if vname.startswith("distilled") else None
+        for target in cfg.evaluation.targets:
+            if vname == "full" and plan.full_targets is not None and target not in plan.full_targets:
+                continue
+            # full and none do not depend on the budget: scored once per seed (none once) and reused.
+            where = {"full": root / "scores" / "full" / f"seed-{seed}",
+                     "none": root / "scores" / "none"}.get(vname, unit / "scores" / vname)
+            out = where / target
+            # none is not fine-tuned: only the benchmarks and the target matter.
+            key = ({**scoring_key, "target": target}
+                   if vname == "none" else
+                   {**eval_key(target), "training_text_sha256": text_sha256}
+                   if vname.startswith("distilled") else {**variant_keys[vname], **eval_key(target)})
+            wall = once_if_held(
+                plan, out / "scores.json",
+                lambda: reuse_twin(plan, unit / "scores", out, key) or evaluate(cfg, target, vname, vdir, out),
+                f"{tag}: evaluate {target} on {vname}", key)
+            if wall is None:
+                continue
+            walls[f"eval:{target}:{vname}"] = wall
+            rows += score_rows(out / "scores.json", {"setting": setting, "budget": budget, "variant": vname,
+                                                     "target": target, "seed": None if vname == "none" else seed})
     for row in rows:
         row["config"] = {"distill": cfg.distill.model_dump(), "experts": cfg.experts.model_dump(),
                          "finetune": cfg.evaluation.finetune_for(row["target"]).model_dump(), "scale": plan.scale}
