@@ -336,19 +336,73 @@ def test_training_text_hash_sees_only_prompt_and_response(quality, tmp_path):
     assert a == b and len({a, c, d}) == 3  # other fields ignored; order and text are not
 
 
-def test_gpu_script_checks_its_inputs_and_logs_under_out(tmp_path):
+def test_a_unit_scores_each_variant_before_building_the_next(quality, tmp_path, monkeypatch):
+    """A unit stopped midway (a GPU lease's limit, here LESS failing) keeps the scores of the
+    variants built before: distilled, random and the untuned model are scored before LESS runs."""
+    import nacd.data.prepare
+    import nacd.distill.run
+    import nacd.evaluation.run
+    import nacd.experts
+    import nacd.projection
+    import nacd.selection.less
+    import nacd.selection.random
+    import nacd.selection.seeds
+
+    def writes(name: str):
+        def stage(*args):
+            out = Path(args[-1])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text("{}")
+        return stage
+
+    def train_expert(cfg, dataset, store, e):
+        writes("manifest.json")(Path(store) / "experts" / f"expert-{e:03d}")
+
+    def less_killed(*args):
+        raise RuntimeError("stopped in LESS")
+
+    scored = []
+
+    def evaluate(cfg, target, variant, variant_dir, out):
+        scored.append(variant)
+        writes("scores.json")(out)
+        (Path(out) / "scores.json").write_text(json.dumps([{"benchmark": "arc_easy", "acc": 0.5}]))
+
+    for module, attr, fake in [(nacd.data.prepare, "prepare_data", writes("prepare.json")),
+                               (nacd.experts, "train_expert", train_expert),
+                               (nacd.selection.seeds, "select_seeds", lambda c, d, o, less: writes("seeds.json")(o)),
+                               (nacd.distill.run, "distill", writes("synthetic.json")),
+                               (nacd.projection, "project_ids", writes("variant.json")),
+                               (nacd.selection.random, "select_random", writes("variant.json")),
+                               (nacd.selection.less, "select_less", less_killed),
+                               (nacd.evaluation.run, "evaluate", evaluate),
+                               (quality, "distill_diagnostics", lambda syn, distilled: {}),
+                               (quality, "training_text_sha256", lambda d: "text")]:
+        monkeypatch.setattr(module, attr, fake)
+    with pytest.raises(RuntimeError, match="stopped in LESS"):
+        quality.run_unit(_plan(quality, tmp_path), "A", 0.05, 0)
+    assert scored == ["distilled", "random", "none"]
+    unit = tmp_path / "A" / "budget-0.05" / "seed-0"
+    assert {p.parent.parent.name for p in tmp_path.rglob("scores.json") if ".stage-configs" not in p.parts} == {
+        "distilled", "random", "none"}
+    assert not (unit / "less" / "variant.json").exists()
+
+
+def test_gpu_script_checks_its_inputs_before_any_unit_runs(tmp_path):
     script, out = REPO / "bench" / "quality_gpu.sh", tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("NACD_CACHE", "NACD_DATA", "NACD_WHEELS")}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the host's `python`
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NACD_")}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the host's `python3`
     missing = subprocess.run(["bash", str(script), str(out)], env=env, capture_output=True, text=True)
-    assert missing.returncode != 0 and "NACD_CACHE" in missing.stderr
-    env.update(NACD_CACHE=str(tmp_path / "cache"), NACD_DATA=str(tmp_path / "data"))
-    # arguments after OUT_DIR reach quality.py; a report on the empty work folder fails and says so
-    report = subprocess.run(["bash", str(script), str(out), "--report-only", "--only-setting", "A",
-                             "--budgets", "0.05", "--seeds", "0"], env=env, capture_output=True, text=True)
-    assert report.returncode == 1
-    log = (out / "quality.log").read_text()
-    assert f"{out / 'work'} holds no finished unit" in log and "A budget=0.05 seed=0: prepare" in log
+    assert missing.returncode != 0 and "NACD_GGUF" in missing.stderr
+    assert not out.exists()
+    # a model folder without the GGUF files: the run stops at the conversion and names the file,
+    # before any unit has started
+    (tmp_path / "gguf").mkdir()
+    env.update(NACD_GGUF=str(tmp_path / "gguf"), NACD_DATA=str(tmp_path / "data"))
+    run = subprocess.run(["bash", str(script), str(out)], env=env, capture_output=True, text=True)
+    assert run.returncode == 1
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in run.stderr and "GGUF file missing" in run.stderr
+    assert not (out / "work").exists() and not (out / "units.txt").exists()
 
 
 def test_the_plot_replaces_the_old_one_whole_or_not_at_all(quality, tmp_path, monkeypatch):
