@@ -392,14 +392,14 @@ def test_gpu_script_checks_its_inputs_before_any_unit_runs(tmp_path):
     script, out = REPO / "bench" / "quality_gpu.sh", tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("NACD_")}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the host's `python3`
-    missing = subprocess.run(["bash", str(script), str(out)], env=env, capture_output=True, text=True)
+    missing = subprocess.run(["bash", str(script), str(out)], check=False, env=env, capture_output=True, text=True)
     assert missing.returncode != 0 and "NACD_GGUF" in missing.stderr
     assert not out.exists()
     # a model folder without the GGUF files: the run stops at the conversion and names the file,
     # before any unit has started
     (tmp_path / "gguf").mkdir()
     env.update(NACD_GGUF=str(tmp_path / "gguf"), NACD_DATA=str(tmp_path / "data"))
-    run = subprocess.run(["bash", str(script), str(out)], env=env, capture_output=True, text=True)
+    run = subprocess.run(["bash", str(script), str(out)], check=False, env=env, capture_output=True, text=True)
     assert run.returncode == 1
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in run.stderr and "GGUF file missing" in run.stderr
     assert not (out / "work").exists() and not (out / "units.txt").exists()
@@ -422,3 +422,29 @@ def test_the_plot_replaces_the_old_one_whole_or_not_at_all(quality, tmp_path, mo
     assert path.read_bytes() == b"old plot" and [p.name for p in tmp_path.iterdir()] == ["quality.png"]
     quality.plot(rows, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in tmp_path.iterdir()] == ["quality.png"]
+
+
+@pytest.fixture(scope="module")
+def gpu_bundle():
+    spec = importlib.util.spec_from_file_location("gpu_bundle", REPO / "bench" / "gpu_bundle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bundle_parts_join_back_into_the_archive(gpu_bundle, tmp_path):
+    archive = tmp_path / "models.tar.xz"
+    archive.write_bytes(bytes(range(256)) * 41)  # 10496 bytes
+    parts = gpu_bundle.split_parts(archive, tmp_path, "models", first_bytes=1000, part_bytes=4000)
+    assert [p.name for p in parts] == [f"models.part-0{i}" for i in range(4)]
+    assert [p.stat().st_size for p in parts] == [1000, 4000, 4000, 1496]
+    assert b"".join(p.read_bytes() for p in sorted(tmp_path.glob("models.part-*"))) == archive.read_bytes()
+    with pytest.raises(ValueError, match="positive"):
+        gpu_bundle.split_parts(archive, tmp_path, "other", first_bytes=0, part_bytes=4000)
+
+
+def test_bundle_refuses_a_data_folder_of_another_layout(gpu_bundle, tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(SystemExit, match="no arc_easy folder"):
+        gpu_bundle.main([str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")])
+    assert not (tmp_path / "out").exists()
