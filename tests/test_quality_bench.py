@@ -448,3 +448,59 @@ def test_bundle_refuses_a_data_folder_of_another_layout(gpu_bundle, tmp_path):
     with pytest.raises(SystemExit, match="no arc_easy folder"):
         gpu_bundle.main([str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")])
     assert not (tmp_path / "out").exists()
+
+
+FAKE_PYTHON = r'''#!/usr/bin/env bash
+# Stands in for the GPU host's python3: conversions succeed, and a unit of bench/quality.py logs
+# its start and end; a setting's first unit (the one given --full-seeds) writes its seed selection,
+# unless the setting is in $FAIL_SETTINGS, where it stops first.
+[[ $1 == bench/quality.py ]] || exit 0
+shift
+while (($#)); do
+  case $1 in
+    --only-setting) setting=$2; shift;; --budgets) budget=$2; shift;; --seeds) seed=$2; shift;;
+    --work) work=$2; shift;; --full-seeds) trainer=1;; --report-only) exit 0;;
+  esac
+  shift
+done
+echo "start $setting-$budget-$seed" >> "$EVENTS"
+sleep 0.5
+if [[ -n ${trainer:-} ]]; then
+  [[ " $FAIL_SETTINGS " == *" $setting "* ]] && { echo "end $setting-$budget-$seed" >> "$EVENTS"; exit 1; }
+  mkdir -p "$work/$setting/budget-$budget/seed-$seed/seeds" && echo '{}' > "$work/$setting/budget-$budget/seed-$seed/seeds/seeds.json"
+  echo "seeded $setting" >> "$EVENTS"
+  sleep 0.5
+fi
+echo "end $setting-$budget-$seed" >> "$EVENTS"
+'''
+
+
+def test_gpu_script_runs_units_after_their_experts_and_never_more_than_parallel_at_once(tmp_path):
+    bin_dir, out, events = tmp_path / "bin", tmp_path / "out", tmp_path / "events.txt"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(FAKE_PYTHON)
+    (bin_dir / "python3").chmod(0o755)
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("NACD_")},
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "EVENTS": str(events), "FAIL_SETTINGS": "B",
+           "NACD_GGUF": str(gguf), "NACD_DATA": str(tmp_path / "data"), "NACD_PARALLEL": "2",
+           "NACD_UNITS": "A:0.05:0 B:0.05:0 A:0.05:1 A:0.01:0 B:0.05:1 A:0.1:2"}
+    run = subprocess.run(["bash", str(REPO / "bench" / "quality_gpu.sh"), str(out)], check=False, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    log = [line.split() for line in events.read_text().splitlines()]
+    running, most, started = set(), 0, []
+    for kind, name in log:
+        if kind == "start":
+            running.add(name)
+            started.append(name)
+        elif kind == "end":
+            running.discard(name)
+        most = max(most, len(running))
+    assert most == 2
+    # the trainers first; A's other units only once A's trainer wrote its seeds; none of B's others
+    assert set(started[:2]) == {"A-0.05-0", "B-0.05-0"} and sorted(started[2:]) == ["A-0.01-0", "A-0.05-1", "A-0.1-2"]
+    assert all(log.index(["seeded", "A"]) < log.index(["start", name]) for name in started[2:])
+    units = (out / "units.txt").read_text()
+    assert "B-0.05-0 rc=1" in units and "B-0.05-1 not run: setting B's first unit stopped" in units
