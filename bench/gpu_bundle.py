@@ -44,6 +44,10 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def describe(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256(path)}
+
+
 def split_parts(path: Path, out_dir: Path, prefix: str, first_bytes: int, part_bytes: int) -> list[Path]:
     """Cut ``path`` into ``prefix.part-00``, ``-01``...: the first ``first_bytes`` long, the rest
     ``part_bytes`` (the last shorter). Joined in name order they are the file again."""
@@ -112,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             (stage / g.name).symlink_to(g.resolve())
         (stage / "gguf.sha256").write_text("".join(f"{sha256(g)}  {g.name}\n" for g in ggufs))
         xz_tar(stage / "models.tar.xz", stage, [g.name for g in ggufs] + ["gguf.sha256"])
-        parts = split_parts(stage / "models.tar.xz", stage, "models", int(a.first_part_mib * MIB), int(a.part_mib * MIB))
-        manifest = {"host.tar.xz": {"bytes": (stage / "host.tar.xz").stat().st_size, "sha256": sha256(stage / "host.tar.xz")},
-                    "models.tar.xz": {"bytes": (stage / "models.tar.xz").stat().st_size,
-                                      "sha256": sha256(stage / "models.tar.xz"), "parts": [p.name for p in parts]},
+        parts = split_parts(stage / "models.tar.xz", stage, "models", int(a.first_part_mib * MIB),
+                            int(a.part_mib * MIB))
+        manifest = {"host.tar.xz": describe(stage / "host.tar.xz"),
+                    "models.tar.xz": {**describe(stage / "models.tar.xz"), "parts": [p.name for p in parts]},
                     "models": {SMOLLM2: ggufs[0].name, GEMMA3: ggufs[1].name}}
         (stage / "bundle.json").write_text(json.dumps(manifest, indent=1) + "\n")
         for old in a.out.glob("models.part-*"):

@@ -48,8 +48,9 @@ def assemble(dest=None):
     return "$(realpath "$NACD_GGUF")/gemma-3-270m-q4_k_m.gguf"
 EOF
 # TF32 for float32 matrix products: the config keeps float32 weights, the tensor cores do the work.
-export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 NACD_CACHE="${NACD_CACHE:-$out/cache}" \
-  TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" NACD_CACHE="${NACD_CACHE:-$out/cache}" \
+  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 \
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
 'transformers', transformers.__version__, 'peft', peft.__version__)" >> "$out/gpu.txt" 2>&1
 # De-quantize each GGUF once (nacd.models converts on first use; the units would race to).

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -504,3 +505,32 @@ def test_gpu_script_runs_units_after_their_experts_and_never_more_than_parallel_
     assert all(log.index(["seeded", "A"]) < log.index(["start", name]) for name in started[2:])
     units = (out / "units.txt").read_text()
     assert "B-0.05-0 rc=1" in units and "B-0.05-1 not run: setting B's first unit stopped" in units
+
+
+def test_bundle_manifest_names_the_parts_that_join_into_the_models_archive(gpu_bundle, tmp_path, monkeypatch):
+    import nacd.models
+
+    ggufs = []
+    for name in ("small.gguf", "large.gguf"):
+        ggufs.append(tmp_path / name)
+        ggufs[-1].write_bytes(os.urandom(15_000))  # incompressible: the archive needs several parts
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    monkeypatch.setattr(nacd.models, "smollm2_gguf", lambda: ggufs[0])
+    monkeypatch.setattr(nacd.models, "gemma3_gguf", lambda: ggufs[1])
+    monkeypatch.setattr(nacd.models, "resolve", lambda name: str(tok))
+    (tmp_path / "data" / "arc_easy").mkdir(parents=True)
+    out = tmp_path / "out"
+    assert gpu_bundle.main([str(out), "--data-dir", str(tmp_path / "data"), "--no-wheels",
+                            "--first-part-mib", str(10_000 / gpu_bundle.MIB), "--part-mib", str(20_000 / gpu_bundle.MIB)]) == 0
+    manifest = json.loads((out / "bundle.json").read_text())
+    parts = [out / name for name in manifest["models.tar.xz"]["parts"]]
+    joined = b"".join(p.read_bytes() for p in parts)
+    assert len(joined) == manifest["models.tar.xz"]["bytes"] and len(parts) >= 2
+    assert hashlib.sha256(joined).hexdigest() == manifest["models.tar.xz"]["sha256"]
+    members = subprocess.run(["tar", "-tJf", "-"], input=joined, capture_output=True, check=True).stdout.decode().split()
+    assert members == ["small.gguf", "large.gguf", "gguf.sha256"]
+    host = subprocess.run(["tar", "-tJf", str(out / "host.tar.xz")], capture_output=True, check=True, text=True).stdout
+    assert "tok/tokenizer.json" in host and "whl" not in host
+    assert sorted(p.name for p in out.iterdir()) == ["bundle.json", "host.tar.xz", *[p.name for p in parts]]
