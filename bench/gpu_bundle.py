@@ -37,11 +37,8 @@ TOKENIZER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "t
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(MIB), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def describe(path: Path) -> dict:

@@ -71,7 +71,7 @@ live() {  # how many of the launched units still run
   for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && n=$((n + 1)); done
   echo "$n"
 }
-mkdir -p "$out/logs" "$out/units"
+mkdir -p "$out/logs"  # quality.py makes each unit's --out folder itself
 # SETTING:BUDGET:SEED, most wanted first. A setting's first unit trains its experts and scores the
 # untuned model and the full data; the others wait for its seed selection (written once the
 # experts exist) and score the rest. At most $NACD_PARALLEL units run at once: on the H200 one

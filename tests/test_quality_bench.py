@@ -18,9 +18,9 @@ from nacd.config import RunConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "bench" / "quality.py")
+def _bench_module(script: str, name: str):
+    """A bench/ script imported as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / script)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
@@ -28,11 +28,18 @@ def quality():
 
 
 @pytest.fixture(scope="module")
+def quality():
+    return _bench_module("quality.py", "quality_bench")
+
+
+@pytest.fixture(scope="module")
 def expert_quality():
-    spec = importlib.util.spec_from_file_location("expert_quality_bench", REPO / "bench" / "expert_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _bench_module("expert_quality.py", "expert_quality_bench")
+
+
+@pytest.fixture(scope="module")
+def gpu_bundle():
+    return _bench_module("gpu_bundle.py", "gpu_bundle_bench")
 
 
 def _plan(quality, work: Path, adopt: bool = False):
@@ -423,14 +430,6 @@ def test_the_plot_replaces_the_old_one_whole_or_not_at_all(quality, tmp_path, mo
     assert path.read_bytes() == b"old plot" and [p.name for p in tmp_path.iterdir()] == ["quality.png"]
     quality.plot(rows, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in tmp_path.iterdir()] == ["quality.png"]
-
-
-@pytest.fixture(scope="module")
-def gpu_bundle():
-    spec = importlib.util.spec_from_file_location("gpu_bundle", REPO / "bench" / "gpu_bundle.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_bundle_parts_join_back_into_the_archive(gpu_bundle, tmp_path):
