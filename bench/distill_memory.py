@@ -13,6 +13,9 @@ repeats, on CPU the child's peak RSS (``ru_maxrss``; it includes the interpreter
 Rows: {impl, steps, seconds_per_outer_step, peak_memory_gib, grad_rel_err_vs_reference, ...};
 ``grad_rel_err_vs_reference`` is max(relative error of the prompt gradient, of the log_alpha
 gradient) against the reference row with the same N (null when the reference ran out of memory).
+``aten_calls_per_outer_step`` (and per inner step; ``aten_calls_vs_reference`` against the reference's
+in this run) counts ATen calls in one more outer step: on a GPU, where small batches leave every
+kernel short, they and not the arithmetic set the time (bench/_ops.py).
 Defaults follow the issue's GPU shape: LoRA r=8 on q,v; 64 synthetic samples, batch 8, seed length
 256, P = 16. This is a benchmark, not a test: it asserts nothing.
 """
@@ -27,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _ops import count_aten_calls
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "bench" / "mtt_reference.py"
@@ -105,12 +110,14 @@ def child(args: argparse.Namespace) -> dict:
                 times.append(time.perf_counter() - t0)
     except torch.cuda.OutOfMemoryError:
         return {"impl": args.impl, "steps": n, "oom": True, "note": "out of memory"}
+    ops = count_aten_calls(lambda: outer_step(args.repeats + 1))
     save_file({"prompt": g_prompt.detach().float().cpu().contiguous(),
                "log_alpha": g_alpha.detach().float().cpu().reshape(1)}, args.grad_out)
     times.sort()
     return {"impl": args.impl, "steps": n, "seconds_per_outer_step": times[len(times) // 2],
             "seconds_per_inner_step": times[len(times) // 2] / n, "peak_memory_gib": _gib_peak(args.device),
-            "setup_memory_gib": setup_gib, "oom": False}
+            "setup_memory_gib": setup_gib, "aten_calls_per_outer_step": ops,
+            "aten_calls_per_inner_step": round(ops / n), "oom": False}
 
 
 def run_row(args: argparse.Namespace, impl: str, steps: int, grad_out: str) -> dict:
@@ -170,7 +177,8 @@ def main() -> None:
     reference_oom = False
     with tempfile.TemporaryDirectory() as tmp:
         print(f"{'impl':<14} {'N':>4} {'s/outer':>9} {'s/inner':>9} {'peak GiB':>9} {'setup GiB':>9} "
-              f"{'rel err vs ref':>15}", flush=True)
+              f"{'rel err vs ref':>15} {'aten/inner':>11} {'x ref':>6}", flush=True)
+        ref_ops: dict[int, int] = {}
         for n in [int(s) for s in args.steps.split(",")]:
             ref_path = f"{tmp}/mtt-reference-{n}.safetensors"
             for impl in impls:
@@ -190,9 +198,17 @@ def main() -> None:
                 rows.append(row)
                 if "seconds_per_outer_step" in row:
                     err = row.get("grad_rel_err_vs_reference")
+                    ops = row["aten_calls_per_outer_step"]
+                    if impl == "mtt-reference":
+                        ref_ops[n] = ops
+                    if n in ref_ops:  # the peer's count on the same inputs, this run
+                        row["aten_calls_vs_reference"] = round(ops / ref_ops[n], 3)
+                    ratio = row.get("aten_calls_vs_reference")
                     print(f"{impl:<14} {n:>4} {row['seconds_per_outer_step']:>9.3f} "
                           f"{row['seconds_per_inner_step']:>9.4f} {row['peak_memory_gib']:>9.3f} "
-                          f"{row['setup_memory_gib']:>9.3f} {'-' if err is None else f'{err:.2e}':>15}", flush=True)
+                          f"{row['setup_memory_gib']:>9.3f} {'-' if err is None else f'{err:.2e}':>15} "
+                          f"{row['aten_calls_per_inner_step']:>11} {'-' if ratio is None else f'{ratio:.2f}':>6}",
+                          flush=True)
                 else:
                     print(f"{impl:<14} {n:>4} {row.get('note', 'failed')}", flush=True)
                 if args.json:  # after every row: a long run that is stopped keeps what it measured
