@@ -256,8 +256,38 @@ def once(plan: Plan, marker: Path, run: Callable[[], Any], label: str, key: dict
     _write_record(record, key)  # before the run: a stage killed midway is redone under this key
     print(f"[quality] {label}", flush=True)
     start = time.time()
+    reset_device_peak()
     run()
-    return time.time() - start
+    wall = time.time() - start
+    peak = release_device_memory()
+    if peak is not None:
+        print(f"[quality] {label}: {wall:.0f} s, device peak {peak:.1f} GiB", flush=True)
+    return wall
+
+
+def reset_device_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def release_device_memory() -> float | None:
+    """The stage's peak GPU memory in GiB (None off CUDA), after handing the cached blocks back.
+
+    The stages of a unit share one process: without this, the allocator keeps the experts' 40-50 GiB
+    of activations cached through distillation, and a second unit on the same GPU runs out of memory
+    (the first GPU run, bench/results/quality_gpu_2026-11-30.json)."""
+    import gc
+
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
 
 
 def once_if_held(plan: Plan, marker: Path, run: Callable[[], Any], label: str, key: dict) -> float | None:

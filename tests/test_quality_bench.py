@@ -66,6 +66,24 @@ def test_once_reuses_only_under_the_recorded_key(quality, tmp_path):
     assert calls == [1]  # a mismatch never reruns over the old output either
 
 
+def test_a_stage_hands_its_cached_gpu_memory_back_and_logs_its_peak(quality, tmp_path, monkeypatch, capsys):
+    import torch
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: events.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty"))
+    plan, marker = _plan(quality, tmp_path), tmp_path / "A" / "stage" / "done.json"
+    stage = _stage(marker, [])
+    quality.once(plan, marker, lambda: (events.append("run"), stage()), "distill", {"k": 1})
+    assert events == ["reset", "run", "empty"]  # the next stage, or unit, starts from an empty cache
+    assert "[quality] distill: 0 s, device peak 3.0 GiB" in capsys.readouterr().out
+    quality.once(plan, marker, stage, "distill", {"k": 1})  # reused: nothing ran, nothing to hand back
+    assert events == ["reset", "run", "empty"]
+
+
 def test_a_record_from_before_an_added_field_means_its_neutral_value(quality, tmp_path):
     plan, marker, calls = _plan(quality, tmp_path), tmp_path / "A" / "stage" / "done.json", []
     quality.once(plan, marker, _stage(marker, calls), "stage", {"distill": {"beta": 0.1}})  # no min_start
