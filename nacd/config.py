@@ -167,7 +167,7 @@ class LessConfig(Section):
     grad_accum: int = Field(1, gt=0)  # LESS: 128 examples per optimizer step on 4 GPUs
     proj_dim: int = Field(8192, gt=0)
     proj_type: Literal["rademacher", "gaussian"] = "rademacher"
-    proj_batch: int = Field(16, gt=0)  # gradients projected together (one pass over the matrix)
+    proj_batch: int = Field(16, gt=0)  # examples per vmapped gradient pass, projected together
     target_benchmark: Literal["arc_easy", "mmlu"] = "arc_easy"
     # None: mmlu -> "dev" (LESS: the 5 exemplars per subject), arc_easy -> "train"
     target_split: str | None = None

@@ -11,7 +11,7 @@ import torch
 from nacd.config import (ConfigError, DataConfig, DataSourceConfig, LessConfig, RunConfig,
                          SelectionConfig, SourceModelConfig)
 from nacd.selection.common import SelectionError, load_pool
-from nacd.selection.less import (adam_feature, check_no_eval_leak, combine_scores, load_targets,
+from nacd.selection.less import (adam_feature, check_no_eval_leak, combine_scores, example_grads, load_targets,
                                  select_less, subtask_means, work_dir_for)
 from nacd.selection.projection import RandomProjector
 from nacd.selection.random import select_random
@@ -122,6 +122,36 @@ def test_projection_preserves_inner_products():
     torch.testing.assert_close(uncached.project(x), x @ proj.matrix(), rtol=1e-4, atol=1e-4)
     assert set(proj.matrix().unique().tolist()) == {-1 / math.sqrt(k), 1 / math.sqrt(k)}
     assert not torch.equal(RandomProjector(d, 16, seed=4).matrix(), RandomProjector(d, 16, seed=3).matrix())
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gemma3"])
+def test_batched_example_gradients_equal_one_backward_per_example(pool_dir, family):
+    """The vmapped, right-padded batch against the plain batch-1 backward LESS's features were made
+    with before: each row is its own example's gradient, whatever the others' lengths."""
+    from nacd.config import ParamSpaceConfig
+    from nacd.models import ParamSpace, load_model, make_trainable
+
+    space_cfg = ParamSpaceConfig(kind="lora", lora_r=4)
+    model = make_trainable(load_model(family, dtype="float64"), space_cfg).eval()
+    space = ParamSpace.from_model(model, space_cfg)
+    with torch.no_grad():  # LoRA B starts at zero: move it, so every A gradient is non-zero too
+        space.set(model, space.get(model) + 0.05 * torch.randn(space.numel, generator=torch.Generator().manual_seed(0),
+                                                                 dtype=torch.float64))
+    pool = load_pool(pool_dir)
+    examples = [pool[i] for i in (3, 0, 7)]
+    assert len({len(e["input_ids"]) for e in examples}) == 3  # padded to the longest
+    named = dict(model.named_parameters())
+    reference = []
+    for ex in examples:
+        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        reference.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, [named[n] for n in space.names])]))
+    batched = example_grads(model, space.names, examples)
+    assert batched.shape == (3, space.numel) and batched.dtype == torch.float32
+    torch.testing.assert_close(batched, torch.stack(reference).float(), rtol=1e-5, atol=1e-8)
+    no_response = dict(examples[0], labels=[-100] * len(examples[0]["labels"]), id="row-7")
+    with pytest.raises(SelectionError, match="row-7: no response token"):
+        example_grads(model, space.names, [examples[1], no_response])
 
 
 def test_adam_feature_equals_hand_computation_and_torch_adam_step():

@@ -40,7 +40,7 @@ from nacd.selection.common import (SelectionError, budget_for, load_pool, random
                                    variant_rows)
 from nacd.selection.projection import RandomProjector
 from nacd.data.tokenization import IGNORE_INDEX, tokenize_example
-from nacd.selection.warmup import AdamState, Checkpoint, trainable_params, warmup_train
+from nacd.selection.warmup import AdamState, Checkpoint, warmup_train
 
 SCORES_FILE = "less_scores.json"
 DEFAULT_TARGET_SPLIT = {"mmlu": "dev", "arc_easy": "train"}
@@ -60,41 +60,44 @@ def adam_feature(grad: torch.Tensor, adam: AdamState) -> torch.Tensor:
     return m / (v.sqrt() + adam.eps)
 
 
-def example_grad(model: nn.Module, params: list[nn.Parameter], example: dict) -> torch.Tensor:
-    """Gradient of one example's mean token loss w.r.t. the trainable parameters, flat (CPU fp32)."""
-    device = params[0].device
-    ids = torch.tensor([example["input_ids"]], device=device)
-    labels = torch.tensor([example["labels"]], device=device)
-    if not (labels[0, 1:] != IGNORE_INDEX).any():
-        raise SelectionError(f"example {example.get('id', '?')}: no response token carries a loss")
-    for p in params:
-        p.grad = None
-    loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
-    loss.backward()
-    grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    for p in params:
-        p.grad = None
-    return grad.detach().float().cpu()
+def example_grads(model: nn.Module, names: Sequence[str], examples: Sequence[dict]) -> torch.Tensor:
+    """Per-example gradients of each example's mean response-token loss w.r.t. the parameters
+    ``names``, flat in that order: (len(examples), numel) float32 on the model's device.
+
+    One vmapped forward and backward for the whole batch (``torch.func``). A batch-1 pass is bound
+    by per-operator overhead, not arithmetic, on a GPU above all (bench/less_features.py counts the
+    calls), so b examples cost about what one did. The batch is right-padded and has no attention
+    mask: under causal attention tokens after an example's last one change none of its positions,
+    and their labels carry no loss, so each gradient is the unpadded example's."""
+    from torch.func import functional_call, grad, vmap
+
+    device = next(model.parameters()).device
+    width = max(len(ex["input_ids"]) for ex in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for i, ex in enumerate(examples):
+        if not any(t != IGNORE_INDEX for t in ex["labels"][1:]):
+            raise SelectionError(f"example {ex.get('id', '?')}: no response token carries a loss")
+        ids[i, :len(ex["input_ids"])] = torch.tensor(ex["input_ids"])
+        labels[i, :len(ex["labels"])] = torch.tensor(ex["labels"])
+    named = dict(model.named_parameters())
+    params = {n: named[n].detach() for n in names}
+
+    def loss(p: dict[str, torch.Tensor], one_ids: torch.Tensor, one_labels: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, p, args=(), kwargs={"input_ids": one_ids[None], "use_cache": False}).logits
+        return nn.functional.cross_entropy(logits[0, :-1].float(), one_labels[1:], ignore_index=IGNORE_INDEX)
+
+    grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, ids.to(device), labels.to(device))
+    return torch.cat([grads[n].reshape(len(examples), -1) for n in names], dim=1).float()
 
 
-def projected_features(model: nn.Module, params: list[nn.Parameter], examples: Iterable[dict],
+def projected_features(model: nn.Module, names: Sequence[str], examples: Sequence[dict],
                        projector: RandomProjector, batch: int,
                        transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterable[torch.Tensor]:
     """Yield (b, proj_dim) unit-norm features, ``batch`` examples at a time (the last may be short)."""
-    pending: list[torch.Tensor] = []
-
-    def flush() -> torch.Tensor:
-        out = torch.nn.functional.normalize(projector.project(torch.stack(pending)), dim=1)
-        pending.clear()
-        return out.cpu()
-
-    for ex in examples:
-        g = example_grad(model, params, ex)
-        pending.append(transform(g) if transform else g)
-        if len(pending) == batch:
-            yield flush()
-    if pending:
-        yield flush()
+    for start in range(0, len(examples), batch):
+        g = example_grads(model, names, [examples[i] for i in range(start, min(start + batch, len(examples)))])
+        yield torch.nn.functional.normalize(projector.project(transform(g) if transform else g), dim=1).cpu()
 
 
 def subtask_means(train: torch.Tensor, target: torch.Tensor, groups: Sequence[slice]) -> torch.Tensor:
@@ -183,16 +186,15 @@ def checkpoint_scores(model: nn.Module, space: ParamSpace, ckpt: Checkpoint, poo
                       targets: TargetSet, lcfg: LessConfig) -> torch.Tensor:
     """(pool, subtasks) mean cosine of Adam train features to SGD target features at ``ckpt``."""
     space.set(model, ckpt.params.to(next(model.parameters()).dtype))
-    params = trainable_params(model, space)
-    device = params[0].device
+    device = next(model.parameters()).device
     adam = AdamState(ckpt.adam.exp_avg.to(device), ckpt.adam.exp_avg_sq.to(device), ckpt.adam.step,
                      ckpt.adam.beta1, ckpt.adam.beta2, ckpt.adam.eps)
     projector = RandomProjector(space.numel, lcfg.proj_dim, seed=lcfg.seed, kind=lcfg.proj_type,
                                 device=device)
     model.eval()  # no dropout in the features
-    target = torch.cat(list(projected_features(model, params, targets.examples, projector, lcfg.proj_batch)))
+    target = torch.cat(list(projected_features(model, space.names, targets.examples, projector, lcfg.proj_batch)))
     parts = [subtask_means(f, target, targets.groups) for f in projected_features(
-        model, params, pool, projector, lcfg.proj_batch, transform=lambda g: adam_feature(g.to(device), adam))]
+        model, space.names, pool, projector, lcfg.proj_batch, transform=lambda g: adam_feature(g, adam))]
     return torch.cat(parts)
 
 
