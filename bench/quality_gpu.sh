@@ -11,9 +11,9 @@
 #                 and gemma-3-270m-q4_k_m.gguf (their packages are not installed there);
 #   $NACD_DATA    a folder laid out like shared/data;
 #   $NACD_CACHE   optional: where the de-quantized models go (default OUT_DIR/cache).
-#   $NACD_UNITS   optional: the units to run, SETTING:BUDGET:SEED in order of want (default: every
-#                 setting, budget and seed, 5 % first);
-#   $NACD_PARALLEL  optional: how many units run at once (default 2).
+#   $NACD_UNITS   optional: the units to run, SETTING:BUDGET:SEED in order of want (default: the
+#                 six 5 % units; "all" adds the 1 % and 10 % ones after them);
+#   $NACD_PARALLEL  optional: how many units run at once (default 6).
 # Nothing is fetched from the network.
 #
 # Every (setting, budget, seed) unit runs as its own process, all sharing OUT_DIR/work. Each unit
@@ -22,9 +22,13 @@
 # (or later, from a copy of the work folder's small files) `quality.py --report-only` puts the rows
 # together into OUT_DIR/quality.{json,md,png}.
 #
-# Measured on one H200 (bench/results/quality_gpu_2026-11-30.json): an expert takes 15 s on setting
-# A and 75-89 s on B (about 25k tokens/s), and a distillation iteration 4.5-4.8 s, so each unit's
-# 200 iterations take about 15 minutes and the default 18 units several hours, not minutes.
+# Measured on one H200 (bench/results/quality_gpu_2026-11-30.json), with 200 iterations and full
+# experts then: an expert took 15 s on setting A and 75-89 s on B (about 25k tokens/s), and a
+# distillation iteration 4.5-4.8 s whether the GPU was also training experts or not: each process is
+# bound by its own CPU core's operator calls (quality_full.yaml's header), so units run side by side.
+# quality_full.yaml is now cut to what each stage uses: predicted 7-10 minutes for setting A's 5 %
+# units run together and 13 for B's before its full data (the config's header), to check against
+# the stage times and GPU memory peaks each unit's log prints.
 set -euo pipefail
 out=$(realpath -m "${1:?usage: bench/quality_gpu.sh OUT_DIR [quality.py args]}"); shift
 : "${NACD_GGUF:?set NACD_GGUF to the folder holding the two GGUF files}"
@@ -74,10 +78,16 @@ live() {  # how many of the launched units still run
 mkdir -p "$out/logs"  # quality.py makes each unit's --out folder itself
 # SETTING:BUDGET:SEED, most wanted first. A setting's first unit trains its experts and scores the
 # untuned model and the full data; the others wait for its seed selection (written once the
-# experts exist) and score the rest. At most $NACD_PARALLEL units run at once: on the H200 one
-# full-scale distillation holds up to 53 GB, and ten at once ran out of its 140.
-units=${NACD_UNITS:-$(for b in 0.05 0.01 0.1; do for s in 0 1 2; do echo A:$b:$s B:$b:$s; done; done)}
-parallel=${NACD_PARALLEL:-2}
+# experts exist) and score the rest. At most $NACD_PARALLEL units run at once: on the H200 ten at
+# once ran out of its 140 GB while the allocator still held the experts' 40-50 GB per process,
+# which each stage now hands back (quality.py's release_device_memory).
+headline=$(for s in 0 1 2; do echo A:0.05:$s B:0.05:$s; done)
+case ${NACD_UNITS:-} in
+  "") units=$headline ;;
+  all) units="$headline $(for b in 0.01 0.1; do for s in 0 1 2; do echo A:$b:$s B:$b:$s; done; done)" ;;
+  *) units=$NACD_UNITS ;;
+esac
+parallel=${NACD_PARALLEL:-6}
 later=(--set "evaluation.variants=[distilled,random,less]")
 declare -A trainer trained full_seed
 pids=()

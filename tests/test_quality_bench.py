@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -317,6 +318,22 @@ def test_every_ablation_builds_a_valid_config(quality, tmp_path):
     assert twin.prompt_len == 16 and twin.model_copy(update={"prompt_len": base.prompt_len}) == base
 
 
+@pytest.mark.parametrize("scale", ["small", "full"])
+def test_each_scale_trains_its_experts_as_far_as_distillation_reads(quality, tmp_path, scale):
+    """Each scale's config is valid for both settings, and its experts write every checkpoint the
+    distillation can draw (full scale stops them there: a later step would be time spent for nothing)."""
+    from nacd.experts import make_plan
+
+    plan = replace(_plan(quality, tmp_path), scale=scale)
+    for setting, pool in (("A", 2251), ("B", 10_000)):
+        cfg = quality.setting_config(plan, setting, 0.05, 0)
+        steps = make_plan(cfg.experts, min(pool, cfg.data.pool_size)).total_steps
+        last_read = (cfg.distill.max_start - 1 + cfg.distill.expert_epochs) * cfg.experts.save_every
+        assert steps >= last_read, (scale, setting)
+        if scale == "full":
+            assert steps == last_read
+
+
 def test_expert_quality_scores_only_an_ablation_with_its_own_experts(expert_quality, tmp_path):
     # a distill-only ablation trains no experts of its own: scoring "its" experts would score the setting's
     with pytest.raises(SystemExit, match="'straight_through_beta0' shares the setting's experts"):
@@ -493,21 +510,40 @@ echo "end $setting-$budget-$seed" >> "$EVENTS"
 '''
 
 
-def test_gpu_script_runs_units_after_their_experts_and_never_more_than_parallel_at_once(tmp_path):
+def _run_gpu_script(tmp_path: Path, **env_vars: str) -> tuple[Path, list[list[str]]]:
+    """quality_gpu.sh with a stand-in python3 that logs each unit's start, seeds and end."""
     bin_dir, out, events = tmp_path / "bin", tmp_path / "out", tmp_path / "events.txt"
-    bin_dir.mkdir()
+    bin_dir.mkdir(parents=True)
     (bin_dir / "python3").write_text(FAKE_PYTHON)
     (bin_dir / "python3").chmod(0o755)
     gguf = tmp_path / "gguf"
     gguf.mkdir()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("NACD_")},
-           "PATH": f"{bin_dir}:{os.environ['PATH']}", "EVENTS": str(events), "FAIL_SETTINGS": "B",
-           "NACD_GGUF": str(gguf), "NACD_DATA": str(tmp_path / "data"), "NACD_PARALLEL": "2",
-           "NACD_UNITS": "A:0.05:0 B:0.05:0 A:0.05:1 A:0.01:0 B:0.05:1 A:0.1:2"}
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "EVENTS": str(events), "FAIL_SETTINGS": "",
+           "NACD_GGUF": str(gguf), "NACD_DATA": str(tmp_path / "data"), **env_vars}
     run = subprocess.run(["bash", str(REPO / "bench" / "quality_gpu.sh"), str(out)], check=False, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    log = [line.split() for line in events.read_text().splitlines()]
+    return out, [line.split() for line in events.read_text().splitlines()]
+
+
+def test_gpu_script_runs_the_six_headline_units_together_by_default(tmp_path):
+    _, log = _run_gpu_script(tmp_path)
+    started = [name for kind, name in log if kind == "start"]
+    assert sorted(started) == sorted(f"{s}-0.05-{seed}" for s in "AB" for seed in range(3))
+    running = most = 0
+    for kind, _ in log:
+        running += {"start": 1, "end": -1}.get(kind, 0)
+        most = max(most, running)
+    assert most == 4  # the stand-in trainers are done by then; the four others run at once, not 2 by 2
+    _, log = _run_gpu_script(tmp_path / "all", NACD_UNITS="all", NACD_PARALLEL="9")
+    started = [name for kind, name in log if kind == "start"]
+    assert sorted(started) == sorted(f"{s}-{b}-{seed}" for s in "AB" for b in ("0.01", "0.05", "0.1") for seed in range(3))
+
+
+def test_gpu_script_runs_units_after_their_experts_and_never_more_than_parallel_at_once(tmp_path):
+    out, log = _run_gpu_script(tmp_path, FAIL_SETTINGS="B", NACD_PARALLEL="2",
+                               NACD_UNITS="A:0.05:0 B:0.05:0 A:0.05:1 A:0.01:0 B:0.05:1 A:0.1:2")
     running, most, started = set(), 0, []
     for kind, name in log:
         if kind == "start":
