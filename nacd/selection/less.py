@@ -65,8 +65,8 @@ def example_grads(model: nn.Module, names: Sequence[str], examples: Sequence[dic
     ``names``, flat in that order: (len(examples), numel) float32 on the model's device.
 
     One vmapped forward and backward for the whole batch (``torch.func``). A batch-1 pass is bound
-    by per-operator overhead, not arithmetic, on a GPU above all (bench/less_features.py counts the
-    calls), so b examples cost about what one did. The batch is right-padded and has no attention
+    by per-operator overhead rather than arithmetic, most of all on a GPU, so b examples cost about
+    what one did (bench/less_features.py counts the calls). The batch is right-padded and has no attention
     mask: under causal attention tokens after an example's last one change none of its positions,
     and their labels carry no loss, so each gradient is the unpadded example's."""
     from torch.func import functional_call, grad, vmap
