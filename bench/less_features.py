@@ -46,14 +46,15 @@ def one_backward_per_example(model, names: list[str], examples: list[dict]):
 
 
 def measure(fn, model, names, examples, batch: int):
-    chunks = [examples[i:i + batch] for i in range(0, len(examples), batch)]
-    start = time.perf_counter()
-    grads = [fn(model, names, c) for c in chunks]
-    seconds = time.perf_counter() - start
-    calls = count_aten_calls(lambda: fn(model, names, chunks[0])) * len(examples) / len(chunks[0])
+    """(gradients, seconds per example, ATen calls per example) of ``fn`` over ``batch``-sized chunks."""
     import torch
 
-    return torch.cat(grads).float(), seconds / len(examples), calls / len(examples)
+    chunks = [examples[i:i + batch] for i in range(0, len(examples), batch)]
+    start = time.perf_counter()
+    grads = torch.cat([fn(model, names, c) for c in chunks]).float()
+    seconds = time.perf_counter() - start
+    calls_per_example = count_aten_calls(lambda: fn(model, names, chunks[0])) / len(chunks[0])
+    return grads, seconds / len(examples), calls_per_example
 
 
 def main() -> None:

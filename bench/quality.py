@@ -265,10 +265,16 @@ def once(plan: Plan, marker: Path, run: Callable[[], Any], label: str, key: dict
     return wall
 
 
+def _cuda_in_use() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def reset_device_peak() -> None:
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if _cuda_in_use():
         torch.cuda.reset_peak_memory_stats()
 
 
@@ -282,7 +288,7 @@ def release_device_memory() -> float | None:
 
     import torch
 
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+    if not _cuda_in_use():
         return None
     peak = torch.cuda.max_memory_allocated() / 2**30
     gc.collect()
