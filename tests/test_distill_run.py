@@ -259,6 +259,30 @@ def test_straight_through_moves_tokens_and_reports_them(tiny_env):
 
 
 # --------------------------------------------------------------------------- bad input
+def test_to_moves_every_tensor_the_synthetic_set_holds(monkeypatch):
+    """A GPU run moves the set with ``to``; a tensor it skipped would stay on the CPU and fail
+    there only (CI has no GPU), so every tensor field, optional ones set, must go through ``.to``."""
+    from dataclasses import fields
+
+    ids = torch.tensor([[5, 6, 7]])
+    syn = SyntheticSet(torch.randn(1, 2, 4), ids, torch.tensor([[-100, 6, 7]]), torch.ones_like(ids),
+                       torch.tensor(-2.0), instruction_embeds=torch.randn(1, 3, 4),
+                       init_prompt_ids=torch.tensor([[1, 2]]))
+    tensor_fields = {f.name for f in fields(SyntheticSet) if "Tensor" in str(f.type)}
+    assert all(isinstance(getattr(syn, name), torch.Tensor) for name in tensor_fields)
+    moved: set[int] = set()
+    real_to = torch.Tensor.to
+
+    def spy(tensor, *args, **kwargs):
+        moved.add(id(tensor))
+        return real_to(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    out = syn.to("cpu")
+    assert {name for name in tensor_fields if id(getattr(syn, name)) not in moved} == set()
+    assert torch.equal(out.instruction_embeds, syn.instruction_embeds) and out.meta is syn.meta
+
+
 def test_bad_input_is_refused_before_anything_is_written(tiny_env, tmp_path):
     env = tiny_env
     out = tmp_path / "out"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -132,13 +132,8 @@ class SyntheticSet:
 
     def to(self, device: torch.device | str) -> SyntheticSet:
         """The same set with every tensor on ``device``."""
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        return replace(self, prompt_embeds=move(self.prompt_embeds), seed_input_ids=move(self.seed_input_ids),
-                       seed_labels=move(self.seed_labels), seed_attention_mask=move(self.seed_attention_mask),
-                       log_alpha=move(self.log_alpha), instruction_embeds=move(self.instruction_embeds),
-                       init_prompt_ids=move(self.init_prompt_ids))
+        return replace(self, **{f.name: value.to(device) for f in fields(self)
+                                if isinstance(value := getattr(self, f.name), torch.Tensor)})
 
     def prompt_tokens_changed(self, prompt_ids: torch.Tensor) -> int | None:
         """How many of ``prompt_ids`` (K*P nearest tokens of the prompt vectors, any shape) differ
