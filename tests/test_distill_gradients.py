@@ -8,7 +8,7 @@ import torch
 
 from conftest import MTT_REFERENCE
 from nacd.config import ParamSpaceConfig
-from nacd.distill.gradients import (first_order_gradients, reverse_gradients, total_gradients,
+from nacd.distill.gradients import (first_order_gradients, match_value, reverse_gradients, total_gradients,
                                     unroll_gradients)
 from nacd.distill.losses import Student, neighbour_loss
 from nacd.distill.synthetic import SyntheticSet, SyntheticSetError
@@ -106,6 +106,15 @@ def test_reverse_equals_unroll_float32(name, kind):
     r = reverse_gradients(student, start, target, syn, schedule)
     assert rel(r.grad_prompt, u.grad_prompt) < 1e-4
     assert rel(r.grad_log_alpha, u.grad_log_alpha) < 1e-4
+
+
+def test_match_value_is_the_loss_the_gradient_engines_report():
+    student, start, target, syn, schedule = setup("tiny-llama", "lora", torch.float64, steps=3)
+    value = match_value(student, start, target, syn, schedule)
+    assert value == pytest.approx(reverse_gradients(student, start, target, syn, schedule).l_match, rel=1e-12)
+    # it follows the set: another learning rate ends the student elsewhere
+    faster = SyntheticSet(**{**syn.__dict__, "log_alpha": syn.log_alpha + 1.0})
+    assert abs(match_value(student, start, target, faster, schedule) - value) > 1e-6 * value
 
 
 def test_first_order_is_an_approximation_close_to_reverse():

@@ -39,6 +39,11 @@ def expert_quality():
 
 
 @pytest.fixture(scope="module")
+def match_eval():
+    return _bench_module("match_eval.py", "match_eval_bench")
+
+
+@pytest.fixture(scope="module")
 def gpu_bundle():
     return _bench_module("gpu_bundle.py", "gpu_bundle_bench")
 
@@ -339,6 +344,24 @@ def test_expert_quality_scores_only_an_ablation_with_its_own_experts(expert_qual
     with pytest.raises(SystemExit, match="'straight_through_beta0' shares the setting's experts"):
         expert_quality.main(["--work", str(tmp_path), "--ablation", "straight_through_beta0", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_match_eval_scores_every_set_on_one_fixed_list_of_draws(match_eval):
+    # every expert x start in [min_start, max_start) x schedule, minibatches as the distill loop draws them
+    fixed = match_eval.draws(2, range(1, 4), num_samples=5, batch=4, steps=3, schedules=2, seed=7)
+    assert [(e, t) for e, t, _ in fixed] == [(e, t) for e in (0, 1) for t in (1, 2, 3) for _ in range(2)]
+    assert all(len(s) == 3 and all(len(b) == 4 and len(set(b.tolist())) == 4 and max(b) < 5 for b in s)
+               for _, _, s in fixed)
+    again = match_eval.draws(2, range(1, 4), num_samples=5, batch=4, steps=3, schedules=2, seed=7)
+    assert all(a.equal(b) for (_, _, x), (_, _, y) in zip(fixed, again) for a, b in zip(x, y))
+    assert not fixed[0][2][0].equal(fixed[1][2][0]) or not fixed[0][2][1].equal(fixed[1][2][1])
+
+
+def test_match_eval_refuses_an_unknown_run_before_loading_anything(match_eval, tmp_path):
+    out = tmp_path / "match.json"
+    with pytest.raises(SystemExit, match="unknown ablation.*'beta_zero'"):
+        match_eval.main(["--work", str(tmp_path), "--runs", ",beta_zero", "--json", str(out)])
+    assert not out.exists()
 
 
 def test_expert_quality_combines_runs_of_one_store_only(expert_quality, tmp_path):

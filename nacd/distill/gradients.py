@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from nacd.distill.losses import Student, match_denominator, neighbour_loss
+from nacd.distill.losses import Student, match_denominator, match_loss, neighbour_loss
 from nacd.distill.synthetic import SyntheticSet
 from nacd.projection import nearest_rows
 
@@ -176,6 +176,16 @@ def first_order_gradients(student: Student, start: torch.Tensor, target: torch.T
     See the module docstring for its measured error against ``reverse``."""
     _check(student, start, target, syn, schedule)
     return _adjoint_pass(student, start, target, syn, schedule, carry_hessian=False)
+
+
+def match_value(student: Student, start: torch.Tensor, target: torch.Tensor, syn: SyntheticSet,
+                schedule: Sequence[torch.Tensor]) -> float:
+    """L_match alone, no gradient with respect to the set: to score a set on fixed draws
+    (``bench/match_eval.py``). One forward and backward per student step."""
+    _check(student, start, target, syn, schedule)
+    thetas = _forward_path(_Inputs(student, syn, requires_grad=False), start, syn.log_alpha.detach().exp(),
+                           schedule)
+    return float(match_loss(thetas[-1], start, target))
 
 
 MODES: dict[str, Callable[..., MatchGradients]] = {
