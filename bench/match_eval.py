@@ -50,6 +50,11 @@ def draws(num_experts: int, starts: range, num_samples: int, batch: int, steps: 
             for e in range(num_experts) for t in starts for _ in range(schedules)]
 
 
+def synthetic_dir(unit: Path, run: str) -> Path:
+    """Where bench/quality.py's unit keeps the distillation of ``run`` ('' for the headline one)."""
+    return unit / (f"synthetic-{run}" if run else "synthetic")
+
+
 _scored: dict[tuple, list[float]] = {}
 
 
@@ -75,7 +80,7 @@ def score_run(cfg, unit: Path, store: str, run: str, fixed_draws: int, schedules
     from nacd.trajectories import open_store
 
     d = cfg.distill
-    syn_dir = unit / (f"synthetic-{run}" if run else "synthetic")
+    syn_dir = synthetic_dir(unit, run)
     learnt = SyntheticSet.from_pretrained(syn_dir)
     if learnt.init_prompt_ids is None:
         raise SystemExit(f"match_eval.py: {syn_dir}: its prompt did not start from tokens (init={d.init})")
@@ -137,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     ap.add_argument("--json", type=Path, default=BENCH / "results" / "match_eval.json")
     a = ap.parse_args(argv)
+    from nacd.storage import write_bytes
+
     runs = a.runs.split(",")
     unknown = [r for r in runs if r and r not in quality.ABLATIONS]
     if unknown:
@@ -144,18 +151,21 @@ def main(argv: list[str] | None = None) -> int:
     plan = quality.parse_args(["--scale", a.scale, "--work", str(a.work)] + (["--data-dir", a.data_dir] if a.data_dir else [])
                               + [x for o in a.overrides for x in ("--set", o)])
     command = "python bench/match_eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    jobs = [(seed, run, a.work / a.setting / f"budget-{a.budget:g}" / f"seed-{seed}")
+            for seed in [int(s) for s in a.seeds.split(",")] for run in runs]
+    missing = [str(synthetic_dir(unit, run)) for _, run, unit in jobs
+               if not (synthetic_dir(unit, run) / "synthetic.json").is_file()]
+    if missing:  # before an hour of scoring, not after it
+        raise SystemExit("match_eval.py: no finished distillation in " + ", ".join(missing))
     rows: list[dict] = []
-    for seed in [int(s) for s in a.seeds.split(",")]:
-        for run in runs:
-            extra = quality.ABLATIONS[run] if run else []
-            cfg = quality.setting_config(plan, a.setting, a.budget, seed, extra)
-            own_experts = any(o.startswith("experts.") for o in extra)
-            store = str(a.work / a.setting / (f"trajectories-{run}" if own_experts else "trajectories"))
-            unit = a.work / a.setting / f"budget-{a.budget:g}" / f"seed-{seed}"
-            rows += [{"setting": a.setting, "budget": a.budget, "seed": seed, **r}
-                     for r in score_run(cfg, unit, store, run, a.draws, a.schedules, a.draw_seed)]
-            from nacd.storage import write_bytes
-            write_bytes(str(a.json), json.dumps({"command": command, "rows": rows}, indent=1).encode())
+    for seed, run, unit in jobs:
+        extra = quality.ABLATIONS[run] if run else []
+        cfg = quality.setting_config(plan, a.setting, a.budget, seed, extra)
+        own_experts = any(o.startswith("experts.") for o in extra)
+        store = str(a.work / a.setting / (f"trajectories-{run}" if own_experts else "trajectories"))
+        rows += [{"setting": a.setting, "budget": a.budget, "seed": seed, **r}
+                 for r in score_run(cfg, unit, store, run, a.draws, a.schedules, a.draw_seed)]
+        write_bytes(str(a.json), json.dumps({"command": command, "rows": rows}, indent=1).encode())
     print_table(rows, [("seed", lambda r: str(r["seed"])), ("run", lambda r: r["run"]), ("set", lambda r: r["set"]),
                        ("alpha", lambda r: f"{r['alpha']:.4f}"),
                        ("tokens changed", lambda r: f"{r['tokens_changed']}/{r['tokens']}"),

@@ -357,10 +357,13 @@ def test_match_eval_scores_every_set_on_one_fixed_list_of_draws(match_eval):
     assert not fixed[0][2][0].equal(fixed[1][2][0]) or not fixed[0][2][1].equal(fixed[1][2][1])
 
 
-def test_match_eval_refuses_an_unknown_run_before_loading_anything(match_eval, tmp_path):
+def test_match_eval_refuses_an_unknown_run_or_a_missing_distillation_before_scoring(match_eval, tmp_path):
     out = tmp_path / "match.json"
     with pytest.raises(SystemExit, match="unknown ablation.*'beta_zero'"):
         match_eval.main(["--work", str(tmp_path), "--runs", ",beta_zero", "--json", str(out)])
+    assert not out.exists()
+    with pytest.raises(SystemExit, match="no finished distillation in .*seed-3/synthetic-straight_through_N8"):
+        match_eval.main(["--work", str(tmp_path), "--seeds", "3", "--runs", "straight_through_N8", "--json", str(out)])
     assert not out.exists()
 
 
