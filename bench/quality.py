@@ -606,25 +606,35 @@ def summarise(rows: list[dict]) -> str:
 
 def scorer_note(rows: list[dict]) -> list[str]:
     """Which rows nacd's direct scorer made, where the record mixes it with the harness's."""
-    # (budget, seed) of each fine-tuned variant's rows; None for none, one scoring for every budget
-    direct: dict[tuple[str, str], set[tuple[float, int] | None]] = {}
+    # per (setting, target): each fine-tuned unit (budget, seed), or None for none (one scoring for
+    # every budget), with the variants scored directly and the variants it has
+    direct: dict[tuple[str, str], dict[tuple[float, int] | None, set[str]]] = {}
+    every: dict[tuple[str, str, tuple[float, int] | None], set[str]] = {}
     for r in rows:
+        unit = None if r["variant"] == "none" else (r["budget"], r["seed"])
+        every.setdefault((r["setting"], r["target"], unit), set()).add(r["variant"])
         if r.get("method", "lm_eval") == "direct":
-            direct.setdefault((r["setting"], r["target"]), set()).add(
-                None if r["variant"] == "none" else (r["budget"], r["seed"]))
+            direct.setdefault((r["setting"], r["target"]), {}).setdefault(unit, set()).add(r["variant"])
     if not direct or all(r.get("method") == "direct" for r in rows):
         return []
-    where = "; ".join(f"setting {s} · {t}: {scored_units(units)}" for (s, t), units in sorted(direct.items()))
+    where = "; ".join(
+        f"setting {s} · {t}: " + scored_units({u: None if v == every[(s, t, u)] else v for u, v in units.items()})
+        for (s, t), units in sorted(direct.items()))
     text = ("Every row is scored by lm-evaluation-harness but these, scored by nacd's direct scorer "
             "(`evaluation.method=direct`: the same log-likelihoods, the output layer run only at scored "
             f"positions; `bench/scoring_speed.py` checks the two agree): {where}.")
     return ["## Scorers", "", text, ""]
 
 
-def scored_units(units: set[tuple[float, int] | None]) -> str:
-    """'5 % seed 2, 10 % seed 0, none': the fine-tuned units in budget order, then the untuned model."""
-    labels = [f"{percent(budget)} seed {seed}" for budget, seed in sorted(u for u in units if u is not None)]
-    return ", ".join(labels + (["none"] if None in units else []))
+def scored_units(units: dict[tuple[float, int] | None, set[str] | None]) -> str:
+    """'5 % seed 2, 10 % seed 0 (distilled-P4), none': the fine-tuned units in budget order, then the
+    untuned model; a unit lists its variants when only some of them were scored so."""
+    def label(unit: tuple[float, int]) -> str:
+        only = units[unit]
+        return f"{percent(unit[0])} seed {unit[1]}" + (f" ({', '.join(sorted(only))})" if only else "")
+
+    return ", ".join([label(u) for u in sorted(u for u in units if u is not None)]
+                     + (["none"] if None in units else []))
 
 
 def diagnostics_table(rows: list[dict]) -> list[str]:

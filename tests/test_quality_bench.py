@@ -199,6 +199,10 @@ def test_summary_pairs_seeds(quality):
         r["method"] = "direct" if r["variant"] == "none" or r["seed"] == 2 or r["budget"] == 0.1 else "lm_eval"
     note = quality.summarise(rows).split("## Scorers", 1)[1]
     assert "setting A · t: 5 % seed 2, 10 % seed 0, none." in note  # seed 0 at 5 % is the harness's
+    # a unit some of whose variants the harness scored names the direct ones
+    rows[0]["method"] = "direct"  # distilled, 5 %, seed 0
+    note = quality.summarise(rows).split("## Scorers", 1)[1]
+    assert "setting A · t: 5 % seed 0 (distilled), 5 % seed 2, 10 % seed 0, none." in note
     assert "## Scorers" not in quality.summarise([{**r, "method": "direct"} for r in rows])
 
 
