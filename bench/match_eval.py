@@ -25,10 +25,10 @@ both runs of one setting-A small-scale seed take about 5 min on 2 CPU cores.
 
 Measured (bench/results/match_eval.json; setting A 5 %, small scale; 10 draws a set: 2 experts x 5
 starts): straight-through's text (``straight_through_lr_1e-1``, 70-109 of 160 tokens changed) ends
-nearer the expert than its initial tokens at the same alpha on 37 of 40 draws over seeds 0-3, at
-0.91-0.93 of their L_match (geometric mean). Plain distillation's learnt vectors (seeds 0 and 3) end
-at 1.76 (one draw at 56 against 1.1) and 0.71 of it, but they project to their initial tokens, so
-its text is exactly the initial tokens at the learnt alpha.
+nearer the expert than its initial tokens at the same alpha on 47 of 50 draws over seeds 0-4, at
+0.90-0.93 of their L_match (geometric mean per seed). Plain distillation's learnt vectors (seeds 0,
+3, 4) end at 1.76 (one draw at 56 against 1.1), 0.71 and 0.74 of it, but they project to their
+initial tokens, so its text is exactly the initial tokens at the learnt alpha.
 """
 from __future__ import annotations
 
