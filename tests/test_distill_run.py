@@ -258,7 +258,6 @@ def test_straight_through_moves_tokens_and_reports_them(tiny_env):
     assert int((ids != loop.syn.init_prompt_ids.reshape(-1)).sum()) > 0
 
 
-# --------------------------------------------------------------------------- bad input
 def test_to_moves_every_tensor_the_synthetic_set_holds(monkeypatch):
     """A GPU run moves the set with ``to``; a tensor it skipped would stay on the CPU and fail
     there only (CI has no GPU), so every tensor field, optional ones set, must go through ``.to``."""
@@ -283,6 +282,7 @@ def test_to_moves_every_tensor_the_synthetic_set_holds(monkeypatch):
     assert torch.equal(out.instruction_embeds, syn.instruction_embeds) and out.meta is syn.meta
 
 
+# --------------------------------------------------------------------------- bad input
 def test_bad_input_is_refused_before_anything_is_written(tiny_env, tmp_path):
     env = tiny_env
     out = tmp_path / "out"
