@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.ablation and not any(o.startswith("experts.") for o in overrides):
         raise SystemExit(f"expert_quality.py: ablation {a.ablation!r} shares the setting's experts; leave it out")
     cfg = quality.setting_config(plan, a.setting, 0.05, 0, overrides)
-    store = str(a.work / a.setting / (f"trajectories-{a.ablation}" if a.ablation else "trajectories"))
+    store = str(quality.store_dir(a.work, a.setting, a.ablation))
     command = "python bench/expert_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     doc = {"setting": a.setting, "experts": cfg.experts.model_dump(mode="json"),
            "distill": cfg.distill.model_dump(mode="json"), "store": store, "commands": [command]}

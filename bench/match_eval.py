@@ -61,11 +61,6 @@ def draws(num_experts: int, starts: range, num_samples: int, batch: int, steps: 
             for e in range(num_experts) for t in starts for _ in range(schedules)]
 
 
-def synthetic_dir(unit: Path, run: str) -> Path:
-    """Where bench/quality.py's unit keeps the distillation of ``run`` ('' for the headline one)."""
-    return unit / (f"synthetic-{run}" if run else "synthetic")
-
-
 _scored: dict[tuple, list[float]] = {}
 
 
@@ -79,15 +74,19 @@ def _content(syn) -> str:
     return h.hexdigest()
 
 
-def score_run(cfg, unit: Path, store: str, run: str, fixed_draws: int, schedules: int, seed: int) -> list[dict]:
-    """One row per set of ``SETS`` for the distillation in ``unit/synthetic[-run]``."""
+def synthetic_dir(unit: Path, run: str) -> Path:
+    return unit / f"synthetic{quality.distilled_suffix(run)}"
+
+
+def score_run(cfg, student, exclude: list[int], unit: Path, store: str, run: str, fixed_draws: int,
+              schedules: int, seed: int) -> list[dict]:
+    """One row per set of ``SETS`` for the distillation in ``unit/synthetic[-run]``; ``student`` and
+    ``exclude`` as ``nacd.distill.run.source_student`` makes them for ``cfg``."""
     import torch
 
     from nacd.distill.gradients import match_value
-    from nacd.distill.losses import Student
     from nacd.distill.synthetic import SyntheticSet
-    from nacd.models import ParamSpace, load_model, load_tokenizer, make_trainable
-    from nacd.projection import nearest_rows, special_token_ids
+    from nacd.projection import nearest_rows
     from nacd.trajectories import open_store
 
     d = cfg.distill
@@ -95,15 +94,9 @@ def score_run(cfg, unit: Path, store: str, run: str, fixed_draws: int, schedules
     learnt = SyntheticSet.from_pretrained(syn_dir)
     if learnt.init_prompt_ids is None:
         raise SystemExit(f"match_eval.py: {syn_dir}: its prompt did not start from tokens (init={d.init})")
-    model = make_trainable(load_model(cfg.source.name, dtype=cfg.source.dtype), cfg.source.param_space)
-    space = ParamSpace.from_model(model, cfg.source.param_space)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    student = Student.from_model(model, space)
     experts = open_store(store, cfg.storage).experts()
-    exclude = special_token_ids(load_tokenizer(cfg.source.name)) if d.exclude_special_tokens else []
     nearest, _ = nearest_rows(learnt.prompt_embeds.reshape(-1, learnt.hidden_size), student.table, d.distance,
-                              exclude_ids=[i for i in exclude if i < student.table.shape[0]])
+                              exclude_ids=exclude)
     initial_alpha = torch.tensor(math.log(d.init_alpha), dtype=learnt.log_alpha.dtype)
     from_tokens = learnt.with_learnable_vectors(student.table[learnt.init_prompt_ids.reshape(-1)])
     sets = {"initial": replace(from_tokens, log_alpha=initial_alpha),
@@ -165,20 +158,25 @@ def main(argv: list[str] | None = None) -> int:
     plan = quality.parse_args(["--scale", a.scale, "--work", str(a.work)] + (["--data-dir", a.data_dir] if a.data_dir else [])
                               + [x for o in a.overrides for x in ("--set", o)])
     command = "python bench/match_eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    jobs = [(seed, run, a.work / a.setting / f"budget-{a.budget:g}" / f"seed-{seed}")
+    jobs = [(seed, run, quality.unit_dir(a.work, a.setting, a.budget, seed))
             for seed in [int(s) for s in a.seeds.split(",")] for run in runs]
     missing = [str(synthetic_dir(unit, run)) for _, run, unit in jobs
                if not (synthetic_dir(unit, run) / "synthetic.json").is_file()]
     if missing:  # before an hour of scoring, not after it
         raise SystemExit("match_eval.py: no finished distillation in " + ", ".join(missing))
+    from nacd.distill.run import source_student
+
     rows: list[dict] = []
+    students: dict[str, tuple] = {}  # one model load per source model and exclusion, not per run
     for seed, run, unit in jobs:
-        extra = quality.ABLATIONS[run] if run else []
-        cfg = quality.setting_config(plan, a.setting, a.budget, seed, extra)
-        own_experts = any(o.startswith("experts.") for o in extra)
-        store = str(a.work / a.setting / (f"trajectories-{run}" if own_experts else "trajectories"))
+        cfg = quality.setting_config(plan, a.setting, a.budget, seed, quality.ABLATIONS[run] if run else [])
+        source = cfg.source.model_dump_json() + str(cfg.distill.exclude_special_tokens)
+        if source not in students:
+            student, _, exclude = source_student(cfg)
+            students[source] = (student, exclude)
+        store = str(quality.store_dir(a.work, a.setting, run))
         rows += [{"setting": a.setting, "budget": a.budget, "seed": seed, **r}
-                 for r in score_run(cfg, unit, store, run, a.draws, a.schedules, a.draw_seed)]
+                 for r in score_run(cfg, *students[source], unit, store, run, a.draws, a.schedules, a.draw_seed)]
         write_bytes(str(a.json), json.dumps({"commands": [command], "rows": rows}, indent=1).encode())
     print_table(rows, [("seed", lambda r: str(r["seed"])), ("run", lambda r: r["run"]), ("set", lambda r: r["set"]),
                        ("alpha", lambda r: f"{r['alpha']:.4f}"),

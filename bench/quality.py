@@ -347,6 +347,24 @@ def score_rows(scores_file: Path, context: dict) -> list[dict]:
             for row in rows]
 
 
+def unit_dir(work: Path, setting: str, budget: float, seed: int) -> Path:
+    """Where a (setting, budget, seed) unit keeps its stages."""
+    return work / setting / f"budget-{budget:g}" / f"seed-{seed}"
+
+
+def store_dir(work: Path, setting: str, name: str = "") -> Path:
+    """The expert trajectories a unit matches: an ablation that changes how experts train gets its
+    own; the rest share the setting's."""
+    own = name and any(o.startswith("experts.") for o in ABLATIONS[name])
+    return work / setting / (f"trajectories-{name}" if own else "trajectories")
+
+
+def distilled_suffix(name: str = "") -> str:
+    """'-NAME' of an ablation's synthetic-/distilled- folders; '' for the headline run and for
+    no_projection, which reuses its synthetic set (it changes the evaluation, not distill)."""
+    return f"-{name}" if name and name != "no_projection" else ""
+
+
 def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
              extra: list[str] = ()) -> list[dict]:
     """One (setting, budget, seed[, ablation]) unit: every variant, every target; returns rows."""
@@ -362,11 +380,9 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
 
     cfg = setting_config(plan, setting, budget, seed, extra)
     root = plan.work / setting
-    unit = root / f"budget-{budget:g}" / f"seed-{seed}"
+    unit = unit_dir(plan.work, setting, budget, seed)
     tag = f"{setting} budget={budget:g} seed={seed}{' ' + name if name else ''}"
-    # An ablation that changes how experts train gets its own trajectories; the rest share them.
-    own_experts = any(o.startswith("experts.") for o in extra)
-    dataset, store = root / "prepared", root / (f"trajectories-{name}" if own_experts else "trajectories")
+    dataset, store = root / "prepared", store_dir(plan.work, setting, name)
     walls: dict[str, float] = {}
     # What each stage's output depends on (see once): a stage is reused only under the same key.
     prepared_key = stage_key(cfg, "data", "source.name", "source.revision")
@@ -398,8 +414,7 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
     walls["seeds"] = once(plan, seeds_dir / "seeds.json",
                           lambda: select_seeds(cfg, dataset, seeds_dir, less_dir),  # read with method=less only
                           f"{tag}: seeds", seeds_key)
-    # no_projection reuses the headline run's synthetic set: it changes the evaluation, not distill
-    suffix = f"-{name}" if name and name != "no_projection" else ""
+    suffix = distilled_suffix(name)
     syn, distilled = unit / f"synthetic{suffix}", unit / f"distilled{suffix}"
     walls["distill"] = once(plan, syn / "synthetic.json", lambda: distill(cfg, dataset, seeds_dir, str(store), syn),
                             f"{tag}: distill", distill_key)

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -372,35 +372,42 @@ def _fingerprint(cfg: RunConfig, indices: list[int], experts: Sequence[Trajector
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def distill(cfg: RunConfig, dataset_dir: str | Path, seeds_dir: str | Path, store_uri: str,
-            out_dir: str | Path, *, progress: bool = True) -> dict:
-    """The distill stage: synthetic set in ``out_dir`` (``synthetic.safetensors`` + ``synthetic.json``),
-    resume state in ``out_dir/checkpoints/``. Every input is validated before anything is written."""
+def source_student(cfg: RunConfig) -> tuple[Student, Any, list[int]]:
+    """The frozen source model as a ``Student`` in ``cfg.source``'s parameter space, its tokenizer,
+    and the token ids the set is never projected to nor pulled towards (``distill.exclude_special_tokens``)."""
     from nacd.models import load_model, load_tokenizer, make_trainable
     from nacd.projection import special_token_ids
-    from nacd.trajectories import open_store
 
-    d = cfg.distill
-    indices = _read_seeds(seeds_dir)
-    rows = _read_seed_rows(dataset_dir, indices)
     model = load_model(cfg.source.name, dtype=cfg.source.dtype, revision=cfg.source.revision)
     model = make_trainable(model, cfg.source.param_space)
     space = ParamSpace.from_model(model, cfg.source.param_space)
     for p in model.parameters():  # the student's parameters come from the flat vectors
         p.requires_grad_(False)
     student = Student.from_model(model, space)
-    experts = open_store(store_uri, cfg.storage).experts()
-    check_experts(experts, space, d, cfg.source.name, cfg.source.revision)
     tokenizer = load_tokenizer(cfg.source.name, cfg.source.revision)
-    exclude = special_token_ids(tokenizer) if d.exclude_special_tokens else []
-    exclude = [i for i in exclude if i < student.table.shape[0]]
+    exclude = special_token_ids(tokenizer) if cfg.distill.exclude_special_tokens else []
+    return student, tokenizer, [i for i in exclude if i < student.table.shape[0]]
+
+
+def distill(cfg: RunConfig, dataset_dir: str | Path, seeds_dir: str | Path, store_uri: str,
+            out_dir: str | Path, *, progress: bool = True) -> dict:
+    """The distill stage: synthetic set in ``out_dir`` (``synthetic.safetensors`` + ``synthetic.json``),
+    resume state in ``out_dir/checkpoints/``. Every input is validated before anything is written."""
+    from nacd.trajectories import open_store
+
+    d = cfg.distill
+    indices = _read_seeds(seeds_dir)
+    rows = _read_seed_rows(dataset_dir, indices)
+    student, tokenizer, exclude = source_student(cfg)
+    experts = open_store(store_uri, cfg.storage).experts()
+    check_experts(experts, student.space, d, cfg.source.name, cfg.source.revision)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, labels, mask = pad_seeds(rows, pad_id)
     seed_rows = [{"index": r["index"], "id": str(r.get("id", r["index"])), "prompt": r.get("prompt"),
                   "response": r.get("response")} for r in rows]
     meta = {"source_model": {"name": cfg.source.name, "revision": cfg.source.revision},
-            "param_space": space.describe(), "distance": d.distance, "beta": d.beta,
+            "param_space": student.space.describe(), "distance": d.distance, "beta": d.beta,
             "grad_mode": d.grad_mode, "straight_through": d.straight_through,
             "exclude_special_tokens": d.exclude_special_tokens,
             "seeds": seed_rows, "seeds_dir": str(seeds_dir), "dataset_dir": str(dataset_dir)}
