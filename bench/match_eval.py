@@ -91,13 +91,14 @@ def score_run(cfg, student, exclude: list[int], unit: Path, store: str, run: str
 
     d = cfg.distill
     syn_dir = synthetic_dir(unit, run)
-    learnt = SyntheticSet.from_pretrained(syn_dir)
+    device, dtype = student.table.device, student.table.dtype
+    learnt = SyntheticSet.from_pretrained(syn_dir).to(device)  # made on the CPU; the student may be on a GPU
     if learnt.init_prompt_ids is None:
         raise SystemExit(f"match_eval.py: {syn_dir}: its prompt did not start from tokens (init={d.init})")
     experts = open_store(store, cfg.storage).experts()
     nearest, _ = nearest_rows(learnt.prompt_embeds.reshape(-1, learnt.hidden_size), student.table, d.distance,
                               exclude_ids=exclude)
-    initial_alpha = torch.tensor(math.log(d.init_alpha), dtype=learnt.log_alpha.dtype)
+    initial_alpha = torch.tensor(math.log(d.init_alpha), dtype=learnt.log_alpha.dtype, device=device)
     from_tokens = learnt.with_learnable_vectors(student.table[learnt.init_prompt_ids.reshape(-1)])
     sets = {"initial": replace(from_tokens, log_alpha=initial_alpha),
             "initial, alpha": from_tokens, "learnt vectors": learnt,
@@ -114,7 +115,8 @@ def score_run(cfg, student, exclude: list[int], unit: Path, store: str, run: str
             values = []
             for e, t, schedule in fixed:
                 if (e, t) not in pairs:
-                    pairs[(e, t)] = (experts[e].read(t), experts[e].read(t + d.expert_epochs))
+                    pairs[(e, t)] = (experts[e].read(t).to(device, dtype),
+                                     experts[e].read(t + d.expert_epochs).to(device, dtype))
                 start, target = pairs[(e, t)]
                 values.append(match_value(student, start, target, sets[name], schedule))
             _scored[key] = values

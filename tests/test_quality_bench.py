@@ -518,7 +518,20 @@ def test_bundle_refuses_a_data_folder_of_another_layout(gpu_bundle, tmp_path):
 FAKE_PYTHON = r'''#!/usr/bin/env bash
 # Stands in for the GPU host's python3: conversions succeed, and a unit of bench/quality.py logs
 # its start and end; a setting's first unit (the one given --full-seeds) writes its seed selection,
-# unless the setting is in $FAIL_SETTINGS, where it stops first.
+# unless the setting is in $FAIL_SETTINGS, where it stops first. bench/match_eval.py logs what it
+# was asked to score.
+if [[ $1 == bench/match_eval.py ]]; then
+  shift
+  while (($#)); do
+    case $1 in
+      --scale) scale=$2; shift;; --setting) setting=$2; shift;; --budget) budget=$2; shift;;
+      --seeds) seed=$2; shift;; --runs) runs=$2; shift;; --set) sets="${sets:-}+$2"; shift;;
+    esac
+    shift
+  done
+  echo "match_eval $setting-$budget-$seed/$scale/runs=$runs/sets=${sets:-}" >> "$EVENTS"
+  exit 0
+fi
 [[ $1 == bench/quality.py ]] || exit 0
 shift
 while (($#)); do
@@ -540,7 +553,7 @@ echo "end $setting-$budget-$seed" >> "$EVENTS"
 '''
 
 
-def _run_gpu_script(tmp_path: Path, **env_vars: str) -> tuple[Path, list[list[str]]]:
+def _run_gpu_script(tmp_path: Path, *args: str, **env_vars: str) -> tuple[Path, list[list[str]]]:
     """quality_gpu.sh with a stand-in python3 that logs each unit's start, seeds and end."""
     bin_dir, out, events = tmp_path / "bin", tmp_path / "out", tmp_path / "events.txt"
     bin_dir.mkdir(parents=True)
@@ -551,7 +564,7 @@ def _run_gpu_script(tmp_path: Path, **env_vars: str) -> tuple[Path, list[list[st
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("NACD_")},
            "PATH": f"{bin_dir}:{os.environ['PATH']}", "EVENTS": str(events), "FAIL_SETTINGS": "",
            "NACD_GGUF": str(gguf), "NACD_DATA": str(tmp_path / "data"), **env_vars}
-    run = subprocess.run(["bash", str(REPO / "bench" / "quality_gpu.sh"), str(out)], check=False, env=env,
+    run = subprocess.run(["bash", str(REPO / "bench" / "quality_gpu.sh"), str(out), *args], check=False, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     return out, [line.split() for line in events.read_text().splitlines()]
@@ -569,6 +582,15 @@ def test_gpu_script_runs_the_six_headline_units_together_by_default(tmp_path):
     _, log = _run_gpu_script(tmp_path / "all", NACD_UNITS="all", NACD_PARALLEL="9")
     started = [name for kind, name in log if kind == "start"]
     assert sorted(started) == sorted(f"{s}-{b}-{seed}" for s in "AB" for b in ("0.01", "0.05", "0.1") for seed in range(3))
+
+
+def test_gpu_script_scores_each_headline_distillation_on_fixed_draws_after_the_units(tmp_path):
+    _, log = _run_gpu_script(tmp_path, "--set", "distill.iterations=5", "--ablations", NACD_UNITS="all", NACD_PARALLEL="9")
+    scored = [name for kind, name in log if kind == "match_eval"]
+    # the 5 % units only, the headline distillation, at full scale, with the units' --set overrides
+    assert sorted(scored) == sorted(f"{s}-0.05-{seed}/full/runs=/sets=+distill.iterations=5" for s in "AB" for seed in range(3))
+    last_unit_end = max(i for i, (kind, _) in enumerate(log) if kind == "end")
+    assert min(i for i, (kind, _) in enumerate(log) if kind == "match_eval") > last_unit_end
 
 
 def test_gpu_script_runs_units_after_their_experts_and_never_more_than_parallel_at_once(tmp_path):
