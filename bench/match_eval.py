@@ -61,6 +61,14 @@ def draws(num_experts: int, starts: range, num_samples: int, batch: int, steps: 
             for e in range(num_experts) for t in starts for _ in range(schedules)]
 
 
+def spread(items: list, n: int) -> list:
+    """``n`` of ``items`` evenly spaced from the first (all of them for n = 0 or n >= len): on the
+    expert-major list of draws, every expert keeps its share of the start range."""
+    if n <= 0 or n >= len(items):
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]
+
+
 _scored: dict[tuple, list[float]] = {}
 
 
@@ -105,7 +113,8 @@ def score_run(cfg, student, exclude: list[int], unit: Path, store: str, run: str
             "projected": learnt.with_learnable_vectors(student.table[nearest])}
     changed = int((nearest != learnt.init_prompt_ids.reshape(-1)).sum())
     fixed = draws(len(experts), range(d.min_start, d.max_start), learnt.num_samples, d.batch_syn, d.syn_steps,
-                  schedules, seed)[:fixed_draws or None]
+                  schedules, seed)
+    fixed = spread(fixed, fixed_draws)
     pairs = {}  # (expert, start) -> (theta*_t, theta*_{t+M}), read once for all sets
     rows = []
     for name in SETS:
@@ -145,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default=",straight_through_lr_1e-1",
                     help="comma list of distillations by ablation name; empty for the headline one")
     ap.add_argument("--schedules", type=int, default=1, help="minibatch schedules per (expert, start)")
-    ap.add_argument("--draws", type=int, default=0, help="score only the first this many draws (0: all)")
+    ap.add_argument("--draws", type=int, default=0, help="score this many of the draws, spread evenly over experts and starts (0: all)")
     ap.add_argument("--draw-seed", type=int, default=1234)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--set", action="append", default=[], dest="overrides")

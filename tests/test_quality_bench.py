@@ -359,6 +359,9 @@ def test_match_eval_scores_every_set_on_one_fixed_list_of_draws(match_eval):
     again = match_eval.draws(2, range(1, 4), num_samples=5, batch=4, steps=3, schedules=2, seed=7)
     assert all(a.equal(b) for (_, _, x), (_, _, y) in zip(fixed, again) for a, b in zip(x, y))
     assert not fixed[0][2][0].equal(fixed[1][2][0]) or not fixed[0][2][1].equal(fixed[1][2][1])
+    # a subset is spread over the list: each expert keeps its share, not the first expert's starts only
+    assert [(e, t) for e, t, _ in match_eval.spread(fixed, 4)] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert match_eval.spread(fixed, 0) == fixed and match_eval.spread(fixed, 99) == fixed
 
 
 def test_match_eval_refuses_an_unknown_run_or_a_missing_distillation_before_scoring(match_eval, tmp_path):
