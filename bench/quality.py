@@ -104,6 +104,10 @@ ABLATIONS: dict[str, list[str]] = {
     # 51.8, 52.5 and 52.8 % at steps 0, 12, 24 and 48, and 54.9 % at step 98 (what it learns, it
     # learns late); checkpoints 24..47 start at steps 48..94
     "straight_through_start24-48": STRAIGHT_THROUGH + ["distill.min_start=24", "distill.max_start=48"],
+    # the same stretch matched for 3x the iterations: after 20, its L_match was still 1.7-2.1 on the
+    # last 5 (0.5-0.8 on the first stretch), so it may have stopped before matching what teaches
+    "straight_through_start24-48_it60": STRAIGHT_THROUGH + ["distill.min_start=24", "distill.max_start=48",
+                                                           "distill.iterations=60"],
     # experts that learn within the matched stretch: at SGD lr 0.05 expert 0 of setting A is at
     # 52.3 -> 51.8 % over the first 12 steps; 4x the lr covers 48 steps' worth of that path there
     # (alpha follows the expert's lr: N = 4 student steps cover M = 2 checkpoints of 2 steps)
