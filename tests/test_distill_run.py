@@ -282,6 +282,54 @@ def test_to_moves_every_tensor_the_synthetic_set_holds(monkeypatch):
     assert torch.equal(out.instruction_embeds, syn.instruction_embeds) and out.meta is syn.meta
 
 
+def test_match_eval_scores_a_distill_stage_output_on_fixed_draws(tiny_env, tmp_path):
+    """bench/match_eval.py on a finished straight-through distillation: the initial tokens at the
+    initial and the learnt alpha, the learnt vectors and their projection, each on the same draws."""
+    import importlib.util
+    import sys
+
+    from nacd.distill.gradients import match_value
+    from nacd.distill.run import source_student
+    from nacd.projection import nearest_rows
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    spec = importlib.util.spec_from_file_location("match_eval_scoring", bench / "match_eval.py")
+    match_eval = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(bench))
+    try:
+        spec.loader.exec_module(match_eval)
+    finally:
+        sys.path.remove(str(bench))
+    env, cfg = tiny_env, tiny_cfg(iterations=6, lr_embeddings=0.5, straight_through=True)
+    distill(cfg, env["dataset"], env["seeds"], env["store"], tmp_path / "synthetic", progress=False)
+    student, _, exclude = source_student(cfg)
+    rows = match_eval.score_run(cfg, student, exclude, tmp_path, env["store"], "", 0, 1, 7)
+
+    learnt = SyntheticSet.from_pretrained(tmp_path / "synthetic")
+    assert [r["set"] for r in rows] == list(match_eval.SETS)
+    fixed = match_eval.draws(2, range(2), learnt.num_samples, 2, 2, 1, 7)  # 2 experts x starts 0, 1
+    assert all([(d["expert"], d["start"]) for d in r["draws"]] == [(e, t) for e, t, _ in fixed] for r in rows)
+    assert rows[0]["alpha"] == pytest.approx(0.5) and rows[0]["alpha"] != pytest.approx(rows[1]["alpha"])
+    assert all(r["alpha"] == pytest.approx(float(learnt.log_alpha.exp())) for r in rows[1:])
+    # the projection is the text the stage writes: its tokens, recomputed here, at the learnt alpha
+    ids, _ = nearest_rows(learnt.prompt_embeds.reshape(-1, learnt.hidden_size), student.table, exclude_ids=exclude)
+    changed = int((ids != learnt.init_prompt_ids.reshape(-1)).sum())
+    assert changed > 0 and rows[3]["tokens_changed"] == changed
+    experts = open_store(env["store"]).experts()
+    text = learnt.with_learnable_vectors(student.table[ids])
+    e, t, schedule = fixed[-1]
+    expected = match_value(student, experts[e].read(t), experts[e].read(t + 2), text, schedule)
+    assert rows[3]["draws"][-1]["l_match"] == pytest.approx(expected, rel=1e-6)
+    assert rows[3]["l_match_mean"] != pytest.approx(rows[1]["l_match_mean"])  # other tokens, other loss
+    # the paired counts compare each draw with the same draw of the initial sets
+    for r in rows:
+        assert r["better_than_initial"] == sum(
+            x["l_match"] < i["l_match"] for x, i in zip(r["draws"], rows[0]["draws"]))
+        assert r["better_than_initial_alpha"] == sum(
+            x["l_match"] < i["l_match"] for x, i in zip(r["draws"], rows[1]["draws"]))
+    assert rows[0]["better_than_initial"] == 0 and rows[1]["better_than_initial_alpha"] == 0
+
+
 # --------------------------------------------------------------------------- bad input
 def test_bad_input_is_refused_before_anything_is_written(tiny_env, tmp_path):
     env = tiny_env
