@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = quality.parse_args(["--scale", a.scale, "--work", str(a.work), "--out", str(a.out)]
                               + (["--data-dir", a.data_dir] if a.data_dir else []))
-    overrides = quality.ABLATIONS[a.ablation] if a.ablation else []
+    overrides = quality.ablation_overrides(a.ablation)
     if a.ablation and not any(o.startswith("experts.") for o in overrides):
         raise SystemExit(f"expert_quality.py: ablation {a.ablation!r} shares the setting's experts; leave it out")
     cfg = quality.setting_config(plan, a.setting, 0.05, 0, overrides)

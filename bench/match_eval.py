@@ -112,9 +112,8 @@ def score_run(cfg, student, exclude: list[int], unit: Path, store: str, run: str
             "initial, alpha": from_tokens, "learnt vectors": learnt,
             "projected": learnt.with_learnable_vectors(student.table[nearest])}
     changed = int((nearest != learnt.init_prompt_ids.reshape(-1)).sum())
-    fixed = draws(len(experts), range(d.min_start, d.max_start), learnt.num_samples, d.batch_syn, d.syn_steps,
-                  schedules, seed)
-    fixed = spread(fixed, fixed_draws)
+    fixed = spread(draws(len(experts), range(d.min_start, d.max_start), learnt.num_samples, d.batch_syn,
+                         d.syn_steps, schedules, seed), fixed_draws)
     pairs = {}  # (expert, start) -> (theta*_t, theta*_{t+M}), read once for all sets
     rows = []
     for name in SETS:
@@ -180,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     students: dict[str, tuple] = {}  # one model load per source model and exclusion, not per run
     for seed, run, unit in jobs:
-        cfg = quality.setting_config(plan, a.setting, a.budget, seed, quality.ABLATIONS[run] if run else [])
+        cfg = quality.setting_config(plan, a.setting, a.budget, seed, quality.ablation_overrides(run))
         source = cfg.source.model_dump_json() + str(cfg.distill.exclude_special_tokens)
         if source not in students:
             student, _, exclude = source_student(cfg)

@@ -359,7 +359,7 @@ def unit_dir(work: Path, setting: str, budget: float, seed: int) -> Path:
 def store_dir(work: Path, setting: str, name: str = "") -> Path:
     """The expert trajectories a unit matches: an ablation that changes how experts train gets its
     own; the rest share the setting's."""
-    own = name and any(o.startswith("experts.") for o in ABLATIONS[name])
+    own = any(o.startswith("experts.") for o in ablation_overrides(name))
     return work / setting / (f"trajectories-{name}" if own else "trajectories")
 
 
@@ -369,8 +369,12 @@ def distilled_suffix(name: str = "") -> str:
     return f"-{name}" if name and name != "no_projection" else ""
 
 
-def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
-             extra: list[str] = ()) -> list[dict]:
+def ablation_overrides(name: str = "") -> list[str]:
+    """The config overrides of ablation ``name``; none for the headline run ('')."""
+    return ABLATIONS[name] if name else []
+
+
+def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "") -> list[dict]:
     """One (setting, budget, seed[, ablation]) unit: every variant, every target; returns rows."""
     from nacd.data.prepare import prepare_data
     from nacd.data.variants import full_variant
@@ -382,7 +386,7 @@ def run_unit(plan: Plan, setting: str, budget: float, seed: int, name: str = "",
     from nacd.selection.random import select_random
     from nacd.selection.seeds import select_seeds
 
-    cfg = setting_config(plan, setting, budget, seed, extra)
+    cfg = setting_config(plan, setting, budget, seed, ablation_overrides(name))
     root = plan.work / setting
     unit = unit_dir(plan.work, setting, budget, seed)
     tag = f"{setting} budget={budget:g} seed={seed}{' ' + name if name else ''}"
@@ -832,15 +836,14 @@ def main(argv: list[str] | None = None) -> int:
     results = plan.out / "quality.json"
     started = time.time()
     rows: list[dict] = []
-    units = [] if plan.ablations_only else [(plan, setting, budget, seed, "", []) for setting, budget, seed
+    units = [] if plan.ablations_only else [(plan, setting, budget, seed, "") for setting, budget, seed
                                             in product(plan.settings, plan.budgets, plan.seeds)]
     for ablation in plan.ablations:
         sub = replace(plan, targets=ablation.targets or plan.targets)  # shares plan.not_run
-        units += [(sub, ablation.setting, 0.05, seed, ablation.name, ABLATIONS[ablation.name])
-                  for seed in ablation.seeds or plan.seeds]
-    for unit_plan, setting, budget, seed, name, extra in units:
+        units += [(sub, ablation.setting, 0.05, seed, ablation.name) for seed in ablation.seeds or plan.seeds]
+    for unit_plan, setting, budget, seed, name in units:
         try:
-            unit_rows = run_unit(unit_plan, setting, budget, seed, name, extra)
+            unit_rows = run_unit(unit_plan, setting, budget, seed, name)
         except NotRun as missing:
             plan.not_run.append(f"{missing} (so none of this unit's rows)")
             continue

@@ -1,8 +1,10 @@
 """Shared fixtures: the real data folder, offline hub settings, and a real S3 endpoint on loopback."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,15 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 MTT_REFERENCE = REPO.parent / "shared" / "bench" / "mtt_reference.py"
+
+
+def bench_module(script: str, name: str):
+    """A bench/ script imported as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_module
 
 from nacd.config import ConfigError, ParamSpaceConfig, RunConfig, load_config
 from nacd.distill.losses import Student
@@ -285,21 +286,11 @@ def test_to_moves_every_tensor_the_synthetic_set_holds(monkeypatch):
 def test_match_eval_scores_a_distill_stage_output_on_fixed_draws(tiny_env, tmp_path):
     """bench/match_eval.py on a finished straight-through distillation: the initial tokens at the
     initial and the learnt alpha, the learnt vectors and their projection, each on the same draws."""
-    import importlib.util
-    import sys
-
     from nacd.distill.gradients import match_value
     from nacd.distill.run import source_student
     from nacd.projection import nearest_rows
 
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    spec = importlib.util.spec_from_file_location("match_eval_scoring", bench / "match_eval.py")
-    match_eval = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(bench))
-    try:
-        spec.loader.exec_module(match_eval)
-    finally:
-        sys.path.remove(str(bench))
+    match_eval = bench_module("match_eval.py", "match_eval_scoring")
     env, cfg = tiny_env, tiny_cfg(iterations=6, lr_embeddings=0.5, straight_through=True)
     distill(cfg, env["dataset"], env["seeds"], env["store"], tmp_path / "synthetic", progress=False)
     student, _, exclude = source_student(cfg)

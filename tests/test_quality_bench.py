@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -13,39 +12,31 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import bench_module
 
 from nacd.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _bench_module(script: str, name: str):
-    """A bench/ script imported as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def quality():
-    return _bench_module("quality.py", "quality_bench")
+    return bench_module("quality.py", "quality_bench")
 
 
 @pytest.fixture(scope="module")
 def expert_quality():
-    return _bench_module("expert_quality.py", "expert_quality_bench")
+    return bench_module("expert_quality.py", "expert_quality_bench")
 
 
 @pytest.fixture(scope="module")
 def match_eval():
-    return _bench_module("match_eval.py", "match_eval_bench")
+    return bench_module("match_eval.py", "match_eval_bench")
 
 
 @pytest.fixture(scope="module")
 def gpu_bundle():
-    return _bench_module("gpu_bundle.py", "gpu_bundle_bench")
+    return bench_module("gpu_bundle.py", "gpu_bundle_bench")
 
 
 def _plan(quality, work: Path, adopt: bool = False):
@@ -248,7 +239,7 @@ def test_notes_follow_the_report_and_a_missing_notes_file_stops_before_any_stage
     assert list(tmp_path.iterdir()) == []
     notes = tmp_path / "notes.md"
     notes.write_text("Provenance. Seed 1 ran on another day.\n\n")
-    monkeypatch.setattr(quality, "run_unit", lambda plan, setting, budget, seed, name, extra: [
+    monkeypatch.setattr(quality, "run_unit", lambda plan, setting, budget, seed, name: [
         {"setting": setting, "target": "t", "benchmark": "arc_easy", "budget": budget, "variant": v, "seed": seed,
          "acc": acc + seed / 100} for v, acc in (("distilled", 0.55), ("random", 0.5), ("less", 0.52))])
     assert quality.main([*args, "--notes", str(notes)]) == 0
@@ -265,7 +256,7 @@ def test_merge_keeps_the_earlier_rows_this_run_does_not_make_again(quality, tmp_
                row("none", None, 0.3, budget=0.1)]
     record = tmp_path / "earlier.json"
     record.write_text(json.dumps({"rows": earlier}))
-    monkeypatch.setattr(quality, "run_unit", lambda plan, setting, budget, seed, name, extra: [
+    monkeypatch.setattr(quality, "run_unit", lambda plan, setting, budget, seed, name: [
         row("distilled", seed, 0.60), row("none", None, 0.35)])
     out = tmp_path / "out"
     assert quality.main(["--only-setting", "A", "--budgets", "0.05", "--seeds", "0", "--targets", "t",
@@ -287,7 +278,7 @@ def test_merge_keeps_the_earlier_rows_this_run_does_not_make_again(quality, tmp_
 
 def test_ablations_only_runs_the_ablation_units_on_their_setting(quality, tmp_path, monkeypatch):
     units = []
-    monkeypatch.setattr(quality, "run_unit", lambda plan, setting, budget, seed, name, extra: units.append(
+    monkeypatch.setattr(quality, "run_unit", lambda plan, setting, budget, seed, name: units.append(
         (setting, budget, seed, name, plan.targets)) or [
         {"setting": setting, "target": plan.targets[0], "benchmark": "arc_easy", "budget": budget,
          "variant": f"distilled-{name}", "seed": seed, "acc": 0.5}])
