@@ -13,7 +13,9 @@
 #   $NACD_CACHE   optional: where the de-quantized models go (default OUT_DIR/cache).
 #   $NACD_UNITS   optional: the units to run, SETTING:BUDGET:SEED in order of want (default: the
 #                 six 5 % units; "all" adds the 1 % and 10 % ones after them);
-#   $NACD_PARALLEL  optional: how many units run at once (default 6).
+#   $NACD_PARALLEL  optional: how many units run at once at most (default 6);
+#   $NACD_OOM_RETRIES  optional: how often a unit that ran out of GPU memory is rerun (default 2);
+#   $NACD_POLL_S  optional: seconds between the scheduler's looks at the units (default 5).
 # Nothing is fetched from the network.
 #
 # Every (setting, budget, seed) unit runs as its own process, all sharing OUT_DIR/work. Each unit
@@ -64,57 +66,82 @@ python3 -c "from nacd.models import resolve; print(resolve('smollm2-135m-instruc
 python3 -c "from nacd.models import resolve; print(resolve('gemma3-270m'))" >> "$out/convert.log" 2>&1 &
 
 work=$out/work
-unit() {  # NAME quality.py-args...: one unit's process, its log, and its exit status in units.txt
-  local name=$1 rc=0; shift
+unit() {  # NAME SPEC quality.py-args...: one unit's process, its log, and its exit status in units.txt
+  local name=$1 spec=$2 rc=0 log=$out/logs/$1.log; shift 2
+  local from=$(($(stat -c %s "$log" 2>/dev/null || echo 0) + 1))  # a rerun appends to the log
   echo "$name start $(date -u +%T)" >> "$out/units.txt"
   python3 bench/quality.py --scale full --data-dir "$NACD_DATA" --work "$work" --out "$out/units/$name" \
-    "$@" > "$out/logs/$name.log" 2>&1 || rc=$?
-  echo "$name rc=$rc $(date -u +%T)" >> "$out/units.txt"
+    "$@" >> "$log" 2>&1 || rc=$?
+  # Out of GPU memory is the units' crowding, not the unit's fault: it goes back in the queue (the
+  # stages it finished are kept), and the loop below runs fewer units at once from then on.
+  if ((rc)) && grep -qE 'CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED' < <(tail -c "+$from" "$log"); then
+    echo "$name rc=$rc out of GPU memory $(date -u +%T)" >> "$out/units.txt"
+    echo "$spec" > "$out/requeue/$name"
+  else
+    echo "$name rc=$rc $(date -u +%T)" >> "$out/units.txt"
+  fi
 }
 live() {  # how many of the launched units still run
   local n=0 pid
   for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && n=$((n + 1)); done
   echo "$n"
 }
-mkdir -p "$out/logs"  # quality.py makes each unit's --out folder itself
+rm -rf "$out/requeue"  # a killed run's requeued units are in this run's list anyway
+mkdir -p "$out/logs" "$out/requeue"  # quality.py makes each unit's --out folder itself
 # SETTING:BUDGET:SEED, most wanted first. A setting's first unit trains its experts and scores the
 # untuned model and the full data; the others wait for its seed selection (written once the
-# experts exist) and score the rest. At most $NACD_PARALLEL units run at once: on the H200 ten at
+# experts exist) and score the rest. At most $parallel units run at once: on the H200 ten at
 # once ran out of its 140 GB while the allocator still held the experts' 40-50 GB per process,
-# which each stage now hands back (quality.py's release_device_memory).
+# which each stage now hands back (quality.py's release_device_memory). Six have not been tried.
 headline=$(for s in 0 1 2; do echo A:0.05:$s B:0.05:$s; done)
 case ${NACD_UNITS:-} in
   "") units=$headline ;;
   all) units="$headline $(for b in 0.01 0.1; do for s in 0 1 2; do echo A:$b:$s B:$b:$s; done; done)" ;;
   *) units=$NACD_UNITS ;;
 esac
-parallel=${NACD_PARALLEL:-6}
+parallel=${NACD_PARALLEL:-6} retries=${NACD_OOM_RETRIES:-2}
 later=(--set "evaluation.variants=[distilled,random,less]")
-declare -A trainer trained full_seed
+declare -A trainer trainer_name trained full_seed tries
 pids=()
 read -r -a pending <<< "$(echo $units)"
-while ((${#pending[@]})); do
-  left=()
-  for u in "${pending[@]}"; do
+while ((${#pending[@]})) || (($(live))) || compgen -G "$out/requeue/*" > /dev/null; do
+  requeued=()
+  for f in "$out"/requeue/*; do
+    [[ -e $f ]] || continue
+    name=${f##*/} u=$(< "$f")
+    rm "$f"
+    tries[$name]=$((${tries[$name]:-0} + 1))
+    if ((tries[$name] > retries)); then
+      echo "$name not rerun: out of GPU memory $((tries[$name])) times" >> "$out/units.txt"
+      continue
+    fi
+    n=$(live) && parallel=$((n > 1 ? n : 1))
+    echo "$name requeued; at most $parallel units at once from now" >> "$out/units.txt"
+    IFS=: read -r setting _ <<< "$u"
+    [[ ${trainer_name[$setting]:-} == "$name" ]] && unset "trainer[$setting]"  # it trains them again
+    requeued+=("$u")
+  done
+  left=() full=
+  for u in "${requeued[@]}" "${pending[@]}"; do
     IFS=: read -r setting budget seed <<< "$u"
     name=$setting-$budget-$seed
-    if (($(live) >= parallel)); then
-      left+=("$u")
+    if [[ -n $full ]] || (($(live) >= parallel)); then
+      full=1 left+=("$u")  # and so are the rest of this pass, so none overtakes a requeued trainer
     elif [[ -z ${trainer[$setting]:-} ]]; then
-      unit "$name" --only-setting "$setting" --budgets "$budget" --seeds "$seed" --full-seeds "$seed" "$@" &
-      pids+=($!) trainer[$setting]=$! trained[$setting]=$work/$setting/budget-$budget/seed-$seed
-      full_seed[$setting]=$seed
+      unit "$name" "$u" --only-setting "$setting" --budgets "$budget" --seeds "$seed" --full-seeds "$seed" "$@" &
+      pids+=($!) trainer[$setting]=$! trainer_name[$setting]=$name
+      trained[$setting]=$work/$setting/budget-$budget/seed-$seed full_seed[$setting]=$seed
     elif compgen -G "${trained[$setting]}/seeds*/seeds.json" > /dev/null; then
-      unit "$name" --only-setting "$setting" --budgets "$budget" --seeds "$seed" "${later[@]}" "$@" &
+      unit "$name" "$u" --only-setting "$setting" --budgets "$budget" --seeds "$seed" "${later[@]}" "$@" &
       pids+=($!)
-    elif ! kill -0 "${trainer[$setting]}" 2>/dev/null; then
+    elif ! kill -0 "${trainer[$setting]}" 2>/dev/null && [[ ! -e $out/requeue/${trainer_name[$setting]} ]]; then
       echo "$name not run: setting $setting's first unit stopped before its experts were trained" >> "$out/units.txt"
     else
       left+=("$u")
     fi
   done
   pending=("${left[@]}")
-  if ((${#pending[@]})); then sleep 5; fi
+  sleep "${NACD_POLL_S:-5}"
 done
 wait
 full_seeds=$(printf '%s\n' "${full_seed[@]}" | sort -u | paste -sd,)

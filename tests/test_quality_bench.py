@@ -512,8 +512,9 @@ def test_bundle_refuses_a_data_folder_of_another_layout(gpu_bundle, tmp_path):
 FAKE_PYTHON = r'''#!/usr/bin/env bash
 # Stands in for the GPU host's python3: conversions succeed, and a unit of bench/quality.py logs
 # its start and end; a setting's first unit (the one given --full-seeds) writes its seed selection,
-# unless the setting is in $FAIL_SETTINGS, where it stops first. bench/match_eval.py logs what it
-# was asked to score.
+# unless the setting is in $FAIL_SETTINGS, where it stops first. A unit NAME listed as NAME:K in
+# $OOM_UNITS runs out of GPU memory on its first K runs. bench/match_eval.py logs what it was asked
+# to score.
 if [[ $1 == bench/match_eval.py ]]; then
   shift
   while (($#)); do
@@ -537,6 +538,18 @@ while (($#)); do
 done
 echo "start $setting-$budget-$seed" >> "$EVENTS"
 sleep 0.5
+for spec in ${OOM_UNITS:-}; do
+  if [[ ${spec%:*} == "$setting-$budget-$seed" ]]; then
+    count=$work/.oom-${spec%:*}
+    runs=$(($(cat "$count" 2>/dev/null || echo 0) + 1))
+    mkdir -p "$work" && echo "$runs" > "$count"
+    if ((runs <= ${spec#*:})); then
+      echo "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB." >&2
+      echo "end $setting-$budget-$seed" >> "$EVENTS"
+      exit 1
+    fi
+  fi
+done
 if [[ -n ${trainer:-} ]]; then
   [[ " $FAIL_SETTINGS " == *" $setting "* ]] && { echo "end $setting-$budget-$seed" >> "$EVENTS"; exit 1; }
   mkdir -p "$work/$setting/budget-$budget/seed-$seed/seeds" && echo '{}' > "$work/$setting/budget-$budget/seed-$seed/seeds/seeds.json"
@@ -604,6 +617,33 @@ def test_gpu_script_runs_units_after_their_experts_and_never_more_than_parallel_
     assert all(log.index(["seeded", "A"]) < log.index(["start", name]) for name in started[2:])
     units = (out / "units.txt").read_text()
     assert "B-0.05-0 rc=1" in units and "B-0.05-1 not run: setting B's first unit stopped" in units
+    assert "requeued" not in units and log.count(["start", "B-0.05-0"]) == 1  # not out of memory: not rerun
+
+
+def test_gpu_script_reruns_a_unit_that_ran_out_of_gpu_memory_with_fewer_units_at_once(tmp_path):
+    # A's trainer runs out of memory once before its experts exist, A-0.05-1 twice, B-0.05-1 on every run
+    out, log = _run_gpu_script(tmp_path, NACD_PARALLEL="4", NACD_POLL_S="0.2",
+                               NACD_UNITS="A:0.05:0 B:0.05:0 A:0.05:1 B:0.05:1 A:0.05:2",
+                               OOM_UNITS="A-0.05-0:1 A-0.05-1:2 B-0.05-1:9")
+    starts = [name for kind, name in log if kind == "start"]
+    assert starts.count("A-0.05-0") == 2 and starts.count("A-0.05-1") == 3 and starts.count("B-0.05-1") == 3
+    assert starts.count("B-0.05-0") == starts.count("A-0.05-2") == 1
+    # A's other units waited for the rerun trainer's seeds instead of being given up
+    assert all(log.index(["seeded", "A"]) < i for i, e in enumerate(log) if e == ["start", "A-0.05-2"])
+    units = (out / "units.txt").read_text()
+    assert "not run" not in units
+    assert "A-0.05-0 rc=0" in units and "A-0.05-1 rc=0" in units and "A-0.05-2 rc=0" in units
+    assert units.count("B-0.05-1 rc=1 out of GPU memory") == 3 and "B-0.05-1 not rerun: out of GPU memory 3 times" in units
+    # each requeue lowers how many run at once to those still running, never below one
+    caps = [int(line.split("at most ")[1].split()[0]) for line in units.splitlines() if "requeued" in line]
+    assert len(caps) == 5 and caps == sorted(caps, reverse=True) and caps[-1] >= 1
+    running, most = set(), 0
+    for kind, name in log:
+        running = running | {name} if kind == "start" else running - {name} if kind == "end" else running
+        most = max(most, len(running))
+    assert most <= 4
+    # a rerun appends to the unit's log: both tries' output is kept
+    assert (out / "logs" / "A-0.05-1.log").read_text().count("CUDA out of memory") == 2
 
 
 def test_bundle_manifest_names_the_parts_that_join_into_the_models_archive(gpu_bundle, tmp_path, monkeypatch):
