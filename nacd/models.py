@@ -14,7 +14,6 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -22,6 +21,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from nacd.atomic import temp_dir_beside
 from nacd.config import ParamSpaceConfig
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -88,8 +88,7 @@ def _atomic_folder(final: Path, build) -> Path:
     """Build a folder in a temp sibling and rename it into place; concurrent builders are safe."""
     if (final / "config.json").is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    tmp = temp_dir_beside(final)
     try:
         build(tmp)
         try:

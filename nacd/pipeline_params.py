@@ -23,10 +23,10 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from nacd.atomic import temp_file_beside
 from nacd.config import ConfigError, RunConfig, budget_count
 
 SCALARS = ("name", "budget")
@@ -255,8 +255,11 @@ def score_metrics(rows: list[Mapping[str, Any]]) -> dict[str, float]:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomic JSON write (temp file + rename): a crash never leaves half a file behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    fd, tmp = temp_file_beside(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -24,7 +24,6 @@ import json
 import logging
 import mmap
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from nacd.atomic import temp_file_beside
 from nacd.config import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -222,9 +222,7 @@ def write_bytes(uri: str, data: bytes | bytearray | memoryview | pa.Buffer,
     fs, loc = filesystem(uri, cfg)
     if loc.scheme == "file":
         def local() -> None:
-            parent = Path(loc.path).parent
-            parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{Path(loc.path).name}.", suffix=".tmp", dir=parent)
+            fd, tmp = temp_file_beside(Path(loc.path))
             try:
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(memoryview(data))
@@ -232,7 +230,7 @@ def write_bytes(uri: str, data: bytes | bytearray | memoryview | pa.Buffer,
                     os.fsync(fh.fileno())
                 os.replace(tmp, loc.path)
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
                 raise
         with_retries("write", uri, local, cfg)
         return

@@ -11,9 +11,10 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
+
+from nacd.atomic import set_aside_name, temp_dir_beside
 
 REQUIRED_FIELDS = ("id", "prompt", "response")
 META_FILE = "variant.json"
@@ -28,12 +29,11 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     """Yield a temp sibling of ``out_dir`` to fill; on success it replaces ``out_dir`` in one
     rename, on error it is removed, so readers never see a half-written folder."""
     final = Path(out_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = temp_dir_beside(final)
     try:
         yield tmp
         if final.exists():  # re-running a stage replaces its previous output
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            old = set_aside_name(final)
             os.rename(final, old)
             os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

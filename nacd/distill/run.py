@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -39,6 +38,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from nacd import storage
+from nacd.atomic import temp_dir_beside
 from nacd.config import DistillConfig, RunConfig
 from nacd.distill.gradients import MODES, total_gradients
 from nacd.distill.losses import Student
@@ -247,7 +247,7 @@ class Distiller:
     def save_checkpoint(self, ckpt_root: Path) -> Path:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         final = ckpt_root / f"{CHECKPOINT_PREFIX}{self.iteration:06d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=ckpt_root))
+        tmp = temp_dir_beside(final)
         try:
             emb_t, emb_meta = _flatten_optimizer(self.opt_embeddings.state_dict(), "opt_embeddings")
             alpha_t, alpha_meta = _flatten_optimizer(self.opt_alpha.state_dict(), "opt_alpha")

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from nacd.atomic import temp_dir_beside
 from nacd.config import LessConfig
 from nacd.data.tokenization import collate
 from nacd.models import ParamSpace
@@ -74,7 +74,7 @@ def _save(ckpt: Checkpoint, lrs: list[float], root: Path) -> None:
     from safetensors.torch import save_file
 
     final = root / f"epoch-{ckpt.epoch:03d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    tmp = temp_dir_beside(final)
     try:
         save_file({"params": ckpt.params.contiguous(), "exp_avg": ckpt.adam.exp_avg.contiguous(),
                    "exp_avg_sq": ckpt.adam.exp_avg_sq.contiguous()}, str(tmp / "state.safetensors"))

@@ -1,0 +1,93 @@
+"""Temps a killed writer leaves are removed by the next write of the same path, and only those."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from nacd.atomic import owner_tag, sweep_dead_temps, temp_dir_beside, temp_file_beside
+
+KILLED_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from nacd.atomic import temp_dir_beside, temp_file_beside
+    final = Path(sys.argv[1])
+    tmp = temp_dir_beside(final)
+    (tmp / "half.bin").write_bytes(b"x" * 1000)
+    fd, _ = temp_file_beside(final)
+    os.write(fd, b"half a file")
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def _killed_writer(final: Path) -> list[Path]:
+    """The temps of a process killed mid-write of ``final``."""
+    run = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(final)], check=False)
+    assert run.returncode == -signal.SIGKILL
+    left = sorted(p for p in final.parent.iterdir() if p.name.startswith(f".{final.name}.tmp-"))
+    assert len(left) == 2
+    return left
+
+
+def test_the_next_writer_removes_a_killed_writers_temps_and_keeps_live_and_foreign_ones(tmp_path):
+    final = tmp_path / "out" / "epoch-001"
+    dead = _killed_writer(final)
+    live = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time
+        from pathlib import Path
+        from nacd.atomic import temp_dir_beside
+        print(temp_dir_beside(Path(sys.argv[1])), flush=True)
+        time.sleep(60)
+    """), str(final)], stdout=subprocess.PIPE, text=True)
+    try:
+        live_tmp = Path(live.stdout.readline().strip())
+        # another host's temp in a shared folder, and one this module did not name
+        host, namespace, pid = owner_tag().split("~")
+        foreign = final.parent / f".{final.name}.tmp-otherhost~{namespace}~999999-abc"
+        unnamed = final.parent / f".{final.name}.tmp-crashed"
+        other_path = final.parent / f".epoch-002.tmp-{host}~{namespace}~999999-abc"
+        for p in (foreign, unnamed, other_path):
+            p.mkdir()
+        mine = temp_dir_beside(final)
+        left = set(final.parent.iterdir())
+        assert not set(dead) & left
+        assert {live_tmp, foreign, unnamed, other_path, mine} <= left
+        assert f"~{live.pid}-" in live_tmp.name
+    finally:
+        live.kill()
+        live.wait()
+    # once the sleeper is gone, its temp goes too (and this process's own never does)
+    assert sweep_dead_temps(final) == [live_tmp]
+    assert mine.exists()
+
+
+def test_storage_write_sweeps_what_a_killed_write_of_the_same_file_left(tmp_path):
+    from nacd import storage
+
+    final = tmp_path / "shards" / "shard-00000.arrow"
+    _killed_writer(final)
+    storage.write_bytes(str(final), b"whole")
+    assert final.read_bytes() == b"whole"
+    assert [p.name for p in final.parent.iterdir()] == ["shard-00000.arrow"]
+
+
+def test_a_stage_folder_rebuilt_after_a_kill_leaves_nothing_beside_it(tmp_path):
+    from nacd.data.variants import atomic_dir
+
+    final = tmp_path / "random"
+    _killed_writer(final)
+    with atomic_dir(final) as tmp:
+        (tmp / "variant.json").write_text("{}")
+    with atomic_dir(final) as tmp:  # a rerun replaces it through a set-aside copy, also removed
+        (tmp / "variant.json").write_text('{"again": true}')
+    assert [p.name for p in tmp_path.iterdir()] == ["random"]
+    assert (final / "variant.json").read_text() == '{"again": true}'
+
+
+def test_a_temp_file_is_hidden_and_owned(tmp_path):
+    fd, path = temp_file_beside(tmp_path / "a" / "record.json")
+    os.close(fd)
+    assert path.parent == tmp_path / "a" and path.name.startswith(".record.json.tmp-" + owner_tag() + "-")
