@@ -738,7 +738,8 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     ap.add_argument("--scale", choices=["small", "full"], default="small")
     ap.add_argument("--only-setting", action="append", choices=sorted(SETTINGS), dest="settings")
     ap.add_argument("--budgets", default="0.01,0.05,0.1")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default="0,1,2",
+                    help='comma list; "" with --report-only --merge: no unit, a report of the merged record alone')
     ap.add_argument("--full-seeds", default=None,
                     help="seeds to train the full-data variant with (default: every seed); it is the "
                          "costliest variant and does not depend on the budget")
@@ -773,15 +774,26 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     if a.ablations_only and not a.ablations:
         raise SystemExit("quality.py: --ablations-only needs --ablations")
     earlier = earlier_rows(a.merge) if a.merge is not None else []
+    budgets, seeds = _numbers(a.budgets, "--budgets", float), _numbers(a.seeds, "--seeds", int)
+    if not (budgets and seeds) and not a.ablations and not (a.report_only and earlier):
+        raise SystemExit("quality.py: --budgets and --seeds name no unit; empty lists are for "
+                         "--report-only --merge (a report of the merged record alone)")
     return Plan(scale=a.scale, settings=a.settings or sorted(SETTINGS),
-                budgets=[float(b) for b in a.budgets.split(",")], seeds=[int(s) for s in a.seeds.split(",")],
+                budgets=budgets, seeds=seeds,
                 targets=a.targets.split(","), ablations=_ablations(a.ablations), out=a.out,
                 work=a.work or a.out / f"work-{a.scale}", data_dir=a.data_dir, overrides=a.overrides,
-                full_seeds=[int(s) for s in a.full_seeds.split(",")] if a.full_seeds else None,
+                full_seeds=_numbers(a.full_seeds, "--full-seeds", int) if a.full_seeds else None,
                 full_targets=a.full_targets.split(",") if a.full_targets else None,
                 adopt_unrecorded=a.adopt_unrecorded, report_only=a.report_only,
                 notes=a.notes.read_text() if a.notes else "", earlier_rows=earlier,
                 ablations_only=a.ablations_only)
+
+
+def _numbers(text: str, flag: str, kind: type) -> list:
+    try:
+        return [kind(x) for x in filter(None, text.split(","))]
+    except ValueError:
+        raise SystemExit(f"quality.py: {flag} {text!r}: a comma list of {kind.__name__} values") from None
 
 
 ROW_IDENTITY = ("setting", "budget", "variant", "target", "seed", "benchmark")
@@ -849,7 +861,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows += [r for r in unit_rows if not name or r["variant"].startswith("distilled-")]
         _write(results, plan, merged_rows(plan.earlier_rows, rows), started)
-    if not rows:  # with --report-only: every unit lacks a stage it needs
+    record_alone = plan.report_only and not units  # --seeds "": the merged record re-rendered
+    if not rows and not record_alone:  # with --report-only: every unit lacks a stage it needs
         first = plan.not_run[0] if plan.not_run else "no target or variant was asked for"
         print(f"quality.py: {plan.work} holds no finished unit of this plan; first missing: {first}",
               file=sys.stderr)
@@ -858,6 +871,8 @@ def main(argv: list[str] | None = None) -> int:
     if plan.earlier_rows:
         made, rows = len(rows), merged_rows(plan.earlier_rows, rows)
         print(f"[quality] {made} rows made, {len(rows) - made} kept from --merge", flush=True)
+    if record_alone:  # no unit wrote it
+        _write(results, plan, rows, started)
     report = (summarise(rows) + not_run_section(plan.not_run) + f"\nCommand: `{command}`; "
               f"wall time {time.time() - started:.0f} s (stages already done are skipped).\n"
               + (f"\n{plan.notes.rstrip()}\n" if plan.notes else ""))

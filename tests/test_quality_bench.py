@@ -276,6 +276,30 @@ def test_merge_keeps_the_earlier_rows_this_run_does_not_make_again(quality, tmp_
     assert not (tmp_path / "never").exists()
 
 
+def test_report_of_the_merged_record_alone_runs_no_unit(quality, tmp_path, monkeypatch):
+    rows = [{"setting": "A", "target": "t", "benchmark": "arc_easy", "budget": 0.05, "variant": v, "seed": s,
+             "acc": acc + s / 100} for v, acc in (("distilled", 0.55), ("random", 0.5)) for s in (0, 1)]
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps({"rows": rows}))
+    monkeypatch.setattr(quality, "run_unit", lambda *a: pytest.fail("a unit ran"))
+    notes = tmp_path / "notes.md"
+    notes.write_text("How the record was made.\n")
+    out = tmp_path / "out"
+    assert quality.main(["--report-only", "--seeds", "", "--merge", str(record), "--out", str(out),
+                         "--notes", str(notes)]) == 0
+    assert json.loads((out / "quality.json").read_text())["rows"] == rows
+    md = (out / "quality.md").read_text()
+    assert "| distilled | 55.5 ± 0.7 |" in md and "Not run" not in md and md.endswith("How the record was made.\n")
+    # an empty list is for that only; a list that is not numbers is named
+    for args, message in ((["--seeds", ""], "--budgets and --seeds name no unit"),
+                          (["--report-only", "--budgets", ""], "--budgets and --seeds name no unit"),
+                          (["--seeds", "0,x"], "--seeds '0,x': a comma list of int values"),
+                          (["--budgets", "5%"], "--budgets '5%': a comma list of float values")):
+        with pytest.raises(SystemExit, match=message):
+            quality.main([*args, "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+
+
 def test_ablations_only_runs_the_ablation_units_on_their_setting(quality, tmp_path, monkeypatch):
     units = []
     monkeypatch.setattr(quality, "run_unit", lambda plan, setting, budget, seed, name: units.append(
