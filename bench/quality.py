@@ -861,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows += [r for r in unit_rows if not name or r["variant"].startswith("distilled-")]
         _write(results, plan, merged_rows(plan.earlier_rows, rows), started)
-    record_alone = plan.report_only and not units  # --seeds "": the merged record re-rendered
+    record_alone = plan.report_only and not units and bool(plan.earlier_rows)  # --seeds "" --merge: the record re-rendered
     if not rows and not record_alone:  # with --report-only: every unit lacks a stage it needs
         first = plan.not_run[0] if plan.not_run else "no target or variant was asked for"
         print(f"quality.py: {plan.work} holds no finished unit of this plan; first missing: {first}",

@@ -76,7 +76,7 @@ unit() {  # NAME SPEC quality.py-args...: one unit's process, its log, and its e
   # stages it finished are kept), and the loop below runs fewer units at once from then on.
   if ((rc)) && grep -qE 'CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED' < <(tail -c "+$from" "$log"); then
     echo "$name rc=$rc out of GPU memory $(date -u +%T)" >> "$out/units.txt"
-    echo "$spec" > "$out/requeue/$name"
+    echo "$spec" > "$out/requeue/.$name" && mv "$out/requeue/.$name" "$out/requeue/$name"  # whole or absent
   else
     echo "$name rc=$rc $(date -u +%T)" >> "$out/units.txt"
   fi
@@ -110,6 +110,7 @@ while ((${#pending[@]})) || (($(live))) || compgen -G "$out/requeue/*" > /dev/nu
     [[ -e $f ]] || continue
     name=${f##*/} u=$(< "$f")
     rm "$f"
+    [[ $u == *:*:* ]] || continue
     tries[$name]=$((${tries[$name]:-0} + 1))
     if ((tries[$name] > retries)); then
       echo "$name not rerun: out of GPU memory $((tries[$name])) times" >> "$out/units.txt"
@@ -118,8 +119,12 @@ while ((${#pending[@]})) || (($(live))) || compgen -G "$out/requeue/*" > /dev/nu
     n=$(live) && parallel=$((n > 1 ? n : 1))
     echo "$name requeued; at most $parallel units at once from now" >> "$out/units.txt"
     IFS=: read -r setting _ <<< "$u"
-    [[ ${trainer_name[$setting]:-} == "$name" ]] && unset "trainer[$setting]"  # it trains them again
-    requeued+=("$u")
+    if [[ ${trainer_name[$setting]:-} == "$name" ]]; then
+      unset "trainer[$setting]"  # it trains them again, first
+      requeued=("$u" "${requeued[@]}")
+    else
+      requeued+=("$u")
+    fi
   done
   left=() full=
   for u in "${requeued[@]}" "${pending[@]}"; do
@@ -127,14 +132,15 @@ while ((${#pending[@]})) || (($(live))) || compgen -G "$out/requeue/*" > /dev/nu
     name=$setting-$budget-$seed
     if [[ -n $full ]] || (($(live) >= parallel)); then
       full=1 left+=("$u")  # and so are the rest of this pass, so none overtakes a requeued trainer
-    elif [[ -z ${trainer[$setting]:-} ]]; then
+    elif [[ -z ${trainer_name[$setting]:-} || ( -z ${trainer[$setting]:-} && ${trainer_name[$setting]} == "$name" ) ]]; then
       unit "$name" "$u" --only-setting "$setting" --budgets "$budget" --seeds "$seed" --full-seeds "$seed" "$@" &
       pids+=($!) trainer[$setting]=$! trainer_name[$setting]=$name
       trained[$setting]=$work/$setting/budget-$budget/seed-$seed full_seed[$setting]=$seed
     elif compgen -G "${trained[$setting]}/seeds*/seeds.json" > /dev/null; then
       unit "$name" "$u" --only-setting "$setting" --budgets "$budget" --seeds "$seed" "${later[@]}" "$@" &
       pids+=($!)
-    elif ! kill -0 "${trainer[$setting]}" 2>/dev/null && [[ ! -e $out/requeue/${trainer_name[$setting]} ]]; then
+    elif [[ -n ${trainer[$setting]:-} ]] && ! kill -0 "${trainer[$setting]}" 2>/dev/null \
+        && [[ ! -e $out/requeue/${trainer_name[$setting]} ]]; then
       echo "$name not run: setting $setting's first unit stopped before its experts were trained" >> "$out/units.txt"
     else
       left+=("$u")

@@ -35,6 +35,7 @@ def _killed_writer(final: Path) -> list[Path]:
 def test_the_next_writer_removes_a_killed_writers_temps_and_keeps_live_and_foreign_ones(tmp_path):
     final = tmp_path / "out" / "epoch-001"
     dead = _killed_writer(final)
+    dead_other = _killed_writer(final.with_name("epoch-002"))  # a path this run never writes again
     live = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import sys, time
         from pathlib import Path
@@ -44,24 +45,35 @@ def test_the_next_writer_removes_a_killed_writers_temps_and_keeps_live_and_forei
     """), str(final)], stdout=subprocess.PIPE, text=True)
     try:
         live_tmp = Path(live.stdout.readline().strip())
-        # another host's temp in a shared folder, and one this module did not name
-        host, namespace, pid = owner_tag().split("~")
-        foreign = final.parent / f".{final.name}.tmp-otherhost~{namespace}~999999-abc"
-        unnamed = final.parent / f".{final.name}.tmp-crashed"
-        other_path = final.parent / f".epoch-002.tmp-{host}~{namespace}~999999-abc"
-        for p in (foreign, unnamed, other_path):
+        assert f"~{live.pid}-" in live_tmp.name
+        # a dead PID's temps on another machine under another host name, under this host name after
+        # another boot or in another PID namespace, and one this module did not name
+        host, machine, _ = owner_tag().split("~")
+        kept = [final.parent / f".{final.name}.tmp-{h}~{m}~999999-abc" for h, m in (
+            ("otherhost", machine), (host, "0123456789abcdef." + machine.split(".")[1]),
+            (host, machine.split(".")[0] + ".1"), (host, "unknown"))]
+        kept.append(final.parent / f".{final.name}.tmp-crashed")
+        for p in kept:
             p.mkdir()
         mine = temp_dir_beside(final)
         left = set(final.parent.iterdir())
-        assert not set(dead) & left
-        assert {live_tmp, foreign, unnamed, other_path, mine} <= left
-        assert f"~{live.pid}-" in live_tmp.name
+        assert not set(dead + dead_other) & left
+        assert {live_tmp, mine, *kept} <= left
     finally:
         live.kill()
         live.wait()
     # once the sleeper is gone, its temp goes too (and this process's own never does)
-    assert sweep_dead_temps(final) == [live_tmp]
+    assert sweep_dead_temps(final.parent) == [live_tmp]
     assert mine.exists()
+
+
+def test_nothing_is_swept_where_the_boot_or_namespace_cannot_be_read(tmp_path, monkeypatch):
+    import nacd.atomic as atomic
+
+    final = tmp_path / "shard.arrow"
+    dead = _killed_writer(final)
+    monkeypatch.setattr(atomic, "_machine", lambda: None)
+    assert atomic.sweep_dead_temps(tmp_path) == [] and all(p.exists() for p in dead)
 
 
 def test_storage_write_sweeps_what_a_killed_write_of_the_same_file_left(tmp_path):

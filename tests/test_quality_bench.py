@@ -298,6 +298,9 @@ def test_report_of_the_merged_record_alone_runs_no_unit(quality, tmp_path, monke
         with pytest.raises(SystemExit, match=message):
             quality.main([*args, "--out", str(tmp_path / "never")])
     assert not (tmp_path / "never").exists()
+    # ablations on no seed and nothing to merge: no report, and the record is not replaced by nothing
+    assert quality.main(["--report-only", "--seeds", "", "--ablations", "beta0", "--out", str(out)]) == 1
+    assert json.loads((out / "quality.json").read_text())["rows"] == rows
 
 
 def test_ablations_only_runs_the_ablation_units_on_their_setting(quality, tmp_path, monkeypatch):
@@ -536,9 +539,9 @@ def test_bundle_refuses_a_data_folder_of_another_layout(gpu_bundle, tmp_path):
 FAKE_PYTHON = r'''#!/usr/bin/env bash
 # Stands in for the GPU host's python3: conversions succeed, and a unit of bench/quality.py logs
 # its start and end; a setting's first unit (the one given --full-seeds) writes its seed selection,
-# unless the setting is in $FAIL_SETTINGS, where it stops first. A unit NAME listed as NAME:K in
-# $OOM_UNITS runs out of GPU memory on its first K runs. bench/match_eval.py logs what it was asked
-# to score.
+# unless the setting is in $FAIL_SETTINGS, where it stops first; it also logs "trainer NAME". A unit
+# NAME listed as NAME:K in $OOM_UNITS runs out of GPU memory on its first K runs, and after those
+# fails otherwise if it is in $BROKEN_UNITS. bench/match_eval.py logs what it was asked to score.
 if [[ $1 == bench/match_eval.py ]]; then
   shift
   while (($#)); do
@@ -561,6 +564,7 @@ while (($#)); do
   shift
 done
 echo "start $setting-$budget-$seed" >> "$EVENTS"
+[[ -n ${trainer:-} ]] && echo "trainer $setting-$budget-$seed" >> "$EVENTS"
 sleep 0.5
 for spec in ${OOM_UNITS:-}; do
   if [[ ${spec%:*} == "$setting-$budget-$seed" ]]; then
@@ -574,6 +578,11 @@ for spec in ${OOM_UNITS:-}; do
     fi
   fi
 done
+if [[ " ${BROKEN_UNITS:-} " == *" $setting-$budget-$seed "* ]]; then
+  echo "ValueError: a broken config" >&2
+  echo "end $setting-$budget-$seed" >> "$EVENTS"
+  exit 1
+fi
 if [[ -n ${trainer:-} ]]; then
   [[ " $FAIL_SETTINGS " == *" $setting "* ]] && { echo "end $setting-$budget-$seed" >> "$EVENTS"; exit 1; }
   mkdir -p "$work/$setting/budget-$budget/seed-$seed/seeds" && echo '{}' > "$work/$setting/budget-$budget/seed-$seed/seeds/seeds.json"
@@ -668,6 +677,24 @@ def test_gpu_script_reruns_a_unit_that_ran_out_of_gpu_memory_with_fewer_units_at
     assert most <= 4
     # a rerun appends to the unit's log: both tries' output is kept
     assert (out / "logs" / "A-0.05-1.log").read_text().count("CUDA out of memory") == 2
+
+
+def test_gpu_script_reruns_a_setting_s_trainer_as_its_trainer_and_only_out_of_memory_failures(tmp_path):
+    # a resumed run: A's seeds exist, so A-0.01-0 starts beside A's trainer, and both run out of
+    # memory before one poll; the trainer goes first and no other unit takes its part. A-0.1-0's
+    # second run fails otherwise: it is not rerun, though its log holds the first run's error.
+    seeds = tmp_path / "out" / "work" / "A" / "budget-0.05" / "seed-0" / "seeds" / "seeds.json"
+    seeds.parent.mkdir(parents=True)
+    seeds.write_text("{}")
+    out, log = _run_gpu_script(tmp_path, NACD_PARALLEL="4", NACD_POLL_S="2", NACD_UNITS="A:0.05:0 A:0.01:0 A:0.1:0",
+                               OOM_UNITS="A-0.05-0:1 A-0.01-0:1 A-0.1-0:1", BROKEN_UNITS="A-0.1-0")
+    assert [name for kind, name in log if kind == "trainer"] == ["A-0.05-0", "A-0.05-0"]
+    starts = [name for kind, name in log if kind == "start"]
+    assert sorted(starts) == ["A-0.01-0", "A-0.01-0", "A-0.05-0", "A-0.05-0", "A-0.1-0", "A-0.1-0"]
+    units = (out / "units.txt").read_text()
+    assert "A-0.05-0 rc=0" in units and "A-0.01-0 rc=0" in units
+    assert "A-0.1-0 requeued" in units and units.count("A-0.1-0 requeued") == 1
+    assert units.splitlines()[-1].startswith("A-0.1-0 rc=1 ") and "memory" not in units.splitlines()[-1]
 
 
 def test_bundle_manifest_names_the_parts_that_join_into_the_models_archive(gpu_bundle, tmp_path, monkeypatch):
