@@ -48,6 +48,7 @@ import hashlib
 import io
 import json
 import math
+import shlex
 import shutil
 import statistics
 import sys
@@ -867,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quality.py: {plan.work} holds no finished unit of this plan; first missing: {first}",
               file=sys.stderr)
         return 1
-    command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python bench/quality.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     if plan.earlier_rows:
         made, rows = len(rows), merged_rows(plan.earlier_rows, rows)
         print(f"[quality] {made} rows made, {len(rows) - made} kept from --merge", flush=True)

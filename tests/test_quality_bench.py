@@ -290,6 +290,7 @@ def test_report_of_the_merged_record_alone_runs_no_unit(quality, tmp_path, monke
     assert json.loads((out / "quality.json").read_text())["rows"] == rows
     md = (out / "quality.md").read_text()
     assert "| distilled | 55.5 ± 0.7 |" in md and "Not run" not in md and md.endswith("How the record was made.\n")
+    assert "Command: `python bench/quality.py --report-only --seeds '' --merge" in md  # as a shell takes it
     # an empty list is for that only; a list that is not numbers is named
     for args, message in ((["--seeds", ""], "--budgets and --seeds name no unit"),
                           (["--report-only", "--budgets", ""], "--budgets and --seeds name no unit"),
