@@ -68,7 +68,7 @@ def test_the_next_writer_removes_a_killed_writers_temps_and_keeps_live_and_forei
 
 
 def test_nothing_is_swept_where_the_boot_or_namespace_cannot_be_read(tmp_path, monkeypatch):
-    import nacd.atomic as atomic
+    from nacd import atomic
 
     final = tmp_path / "shard.arrow"
     dead = _killed_writer(final)
