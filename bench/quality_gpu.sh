@@ -131,7 +131,7 @@ while ((${#pending[@]})) || (($(live))) || compgen -G "$out/requeue/*" > /dev/nu
     IFS=: read -r setting budget seed <<< "$u"
     name=$setting-$budget-$seed
     if [[ -n $full ]] || (($(live) >= parallel)); then
-      full=1 left+=("$u")  # and so are the rest of this pass, so none overtakes a requeued trainer
+      full=1 left+=("$u")  # and so are the rest of this pass: the queue keeps its order
     elif [[ -z ${trainer_name[$setting]:-} || ( -z ${trainer[$setting]:-} && ${trainer_name[$setting]} == "$name" ) ]]; then
       unit "$name" "$u" --only-setting "$setting" --budgets "$budget" --seeds "$seed" --full-seeds "$seed" "$@" &
       pids+=($!) trainer[$setting]=$! trainer_name[$setting]=$name
