@@ -862,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows += [r for r in unit_rows if not name or r["variant"].startswith("distilled-")]
         _write(results, plan, merged_rows(plan.earlier_rows, rows), started)
-    record_alone = plan.report_only and not units and bool(plan.earlier_rows)  # --seeds "" --merge: the record re-rendered
+    record_alone = plan.report_only and not units and bool(plan.earlier_rows)  # --seeds "" --merge
     if not rows and not record_alone:  # with --report-only: every unit lacks a stage it needs
         first = plan.not_run[0] if plan.not_run else "no target or variant was asked for"
         print(f"quality.py: {plan.work} holds no finished unit of this plan; first missing: {first}",
@@ -872,8 +872,7 @@ def main(argv: list[str] | None = None) -> int:
     if plan.earlier_rows:
         made, rows = len(rows), merged_rows(plan.earlier_rows, rows)
         print(f"[quality] {made} rows made, {len(rows) - made} kept from --merge", flush=True)
-    if record_alone:  # no unit wrote it
-        _write(results, plan, rows, started)
+    _write(results, plan, rows, started)  # the record as reported (also where no unit wrote it)
     report = (summarise(rows) + not_run_section(plan.not_run) + f"\nCommand: `{command}`; "
               f"wall time {time.time() - started:.0f} s (stages already done are skipped).\n"
               + (f"\n{plan.notes.rstrip()}\n" if plan.notes else ""))

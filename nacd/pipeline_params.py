@@ -26,7 +26,6 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from nacd.atomic import temp_file_beside
 from nacd.config import ConfigError, RunConfig, budget_count
 
 SCALARS = ("name", "budget")
@@ -254,12 +253,7 @@ def score_metrics(rows: list[Mapping[str, Any]]) -> dict[str, float]:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomic JSON write (temp file + rename): a crash never leaves half a file behind."""
-    path = Path(path)
-    fd, tmp = temp_file_beside(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # pyarrow is imported only by the steps that write
+    from nacd.storage import write_bytes
+
+    write_bytes(str(path), json.dumps(obj, indent=2).encode())
