@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nacd import storage
 from nacd.config import MAX_LOGITS_GIB, RunConfig
 from nacd.data.tokenization import ensure_pad_token
 from nacd.data.variants import atomic_dir, read_variant, read_variant_meta, write_json
@@ -95,11 +96,7 @@ def evaluate_model(model: str, adapter: str | Path | None, benchmark: str, split
     questions = result.pop("_questions")
     result = {"model": model, "adapter": str(adapter) if adapter else None, **result}
     if json_out is not None:
-        path = Path(json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        write_json(tmp, {**result, "questions": questions})
-        tmp.replace(path)
+        storage.write_json(str(json_out), {**result, "questions": questions})
     return result
 
 

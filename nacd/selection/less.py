@@ -225,14 +225,12 @@ def _prepare_work(work: Path, key: str, log) -> None:
 
 
 def _cached_scores(path: Path, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     if path.is_file():
         return load_file(str(path))["scores"]
     scores = compute()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"scores": scores.contiguous()}, str(tmp))
-    tmp.replace(path)
+    storage.write_bytes(str(path), save({"scores": scores.contiguous()}))
     return scores
 
 
