@@ -19,6 +19,17 @@ component = dsl.component(base_image=IMAGE, install_kfp_package=False)
 
 
 @component
+def check_config(name: str, budget: float, storage: dict, data: dict, source: dict, experts: dict,
+                 seed_selection: dict, distill: dict, selection: dict, evaluation: dict):
+    """The whole-config checks the CLI runs before a local run, for runs started from the UI."""
+    from nacd.pipeline_params import config_from_sections, preflight
+
+    preflight(config_from_sections(name=name, budget=budget, storage=storage, data=data,
+                                   source=source, experts=experts, seed_selection=seed_selection,
+                                   distill=distill, selection=selection, evaluation=evaluation))
+
+
+@component
 def prepare_data(data: dict, source: dict, dataset: Output[Dataset], metrics: Output[Metrics]):
     """Tokenise the instruction mixture with the source model's tokenizer."""
     from nacd.data.prepare import prepare_data as run

@@ -39,8 +39,7 @@ class CliError(RuntimeError):
 def resolve_config(path: str | None, overrides: Sequence[str], data_dir: str | None) -> RunConfig:
     """Load, override and validate; every check that can fail without data runs here, before
     anything is written."""
-    from nacd.pipeline_params import check_budget
-    from nacd.selection.less import check_no_eval_leak
+    from nacd.pipeline_params import preflight
 
     if path is None:
         if not QUICKSTART.is_file():
@@ -55,11 +54,7 @@ def resolve_config(path: str | None, overrides: Sequence[str], data_dir: str | N
     cfg = load_config(path, items)
     if cfg.data.data_dir and not Path(cfg.data.data_dir).is_dir():
         raise ConfigError(f"{path}: 'data.data_dir': folder not found: {cfg.data.data_dir}")
-    check_budget(cfg)
-    # The select_less step only receives the sections it reads (its cache key), so the check that
-    # its target examples are not the evaluation set runs here, on the whole config.
-    if "less" in cfg.evaluation.variants:
-        check_no_eval_leak(cfg)
+    preflight(cfg)
     return cfg
 
 
@@ -347,8 +342,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(text)
             return 0
-        version = module.upload(args.host, str(final), args.pipeline_name, args.version)
-    print(f"uploaded {args.pipeline_name} version {args.version} ({version}) to {args.host}")
+        made = module.upload(args.host, str(final), args.pipeline_name, args.version)
+    print(f"uploaded {made} to {args.host}")
     return 0
 
 
@@ -426,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", required=True)
     up.add_argument("--package", required=True, help="compiled pipeline YAML")
     up.add_argument("--pipeline-name", default="nacd")
-    up.add_argument("--version", required=True, help="version name, e.g. the chart revision")
+    up.add_argument("--version", required=True,
+                    help="version name, e.g. the chart revision (KFP names a new pipeline's first "
+                         "version after the pipeline)")
     up.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="default of the uploaded version, e.g. storage.root=s3://bucket/nacd")
     up.add_argument("--tolerations", help="JSON list of tolerations added to the GPU tasks")

@@ -152,6 +152,9 @@ class SeedSelectionConfig(Section):
 
 
 # --------------------------------------------------------------------------- baselines
+LESS_DEFAULT_TARGET_SPLIT = {"mmlu": "dev", "arc_easy": "train"}
+
+
 class LessConfig(Section):
     """LESS (Xia et al. 2024) as published: warm-up LoRA with AdamW on a random fraction of the
     pool, one checkpoint per epoch, Adam-preconditioned train gradients vs SGD target gradients,
@@ -176,6 +179,10 @@ class LessConfig(Section):
     # Target gradients from a split that is also scored leak the evaluation set into selection.
     allow_eval_overlap: bool = False
     seed: int = 0
+
+    def resolved_target_split(self) -> str:
+        """``target_split``, or the target benchmark's default when unset."""
+        return self.target_split or LESS_DEFAULT_TARGET_SPLIT[self.target_benchmark]
 
 
 class SelectionConfig(Section):

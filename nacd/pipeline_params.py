@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from nacd.config import ConfigError, RunConfig, budget_count
+from nacd.config import LESS_DEFAULT_TARGET_SPLIT, ConfigError, RunConfig, budget_count
 
 SCALARS = ("name", "budget")
 SECTIONS = ("storage", "data", "source", "experts", "seed_selection", "distill", "selection",
@@ -110,6 +110,34 @@ def pool_upper_bound(cfg: RunConfig) -> int | None:
     if all(r is not None for r in rows):
         bounds.append(sum(rows))  # type: ignore[arg-type]
     return min(bounds) if bounds else None
+
+
+_SPLIT_ALIASES = {"val": "validation"}
+
+
+def check_no_eval_leak(cfg: RunConfig) -> None:
+    """Refuse LESS target gradients from a split that the evaluation also scores (LESS's own
+    caveat). A whole-config check: the select_less stage is not given the evaluation settings."""
+    if "less" not in cfg.evaluation.variants and cfg.seed_selection.method != "less":
+        return
+    lcfg = cfg.selection.less
+    split = lcfg.resolved_target_split()
+    norm = _SPLIT_ALIASES.get(split, split)
+    for i, b in enumerate(cfg.evaluation.benchmarks):
+        if (b.name == lcfg.target_benchmark and _SPLIT_ALIASES.get(b.split, b.split) == norm
+                and not lcfg.allow_eval_overlap):
+            raise ConfigError(
+                f"selection.less.target_split: {lcfg.target_benchmark} '{split}' is also scored by "
+                f"evaluation.benchmarks[{i}]; LESS would select with gradients of the evaluation set. "
+                f"Use another split ({LESS_DEFAULT_TARGET_SPLIT[lcfg.target_benchmark]!r} is the default) "
+                f"or set selection.less.allow_eval_overlap=true knowingly")
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Every whole-config check that needs no data: run by the CLI before anything is written and
+    by the pipeline's first step (a run started from the KFP UI never passes through the CLI)."""
+    check_budget(cfg)
+    check_no_eval_leak(cfg)
 
 
 def check_budget(cfg: RunConfig) -> None:

@@ -1,8 +1,8 @@
 """The nacd DAG (DESIGN.md "Stages and the DAG"), compiled for a cluster or run by kfp.local.
 
-prepare_data -> train_experts (ParallelFor over expert seeds) -> distill -> project_ids
-             -> select_less -> select_seeds --------------------^
-             -> select_random, select_less, full_variant
+check_config -> prepare_data -> train_experts (ParallelFor over expert seeds) -> distill -> project_ids
+                             -> select_less -> select_seeds --------------------^
+                             -> select_random, select_less, full_variant
 every variant -> evaluate (ParallelFor over targets, per variant) -> report
 
 Pipeline parameters: ``name``, ``budget`` and one dict per config section, defaults from
@@ -18,9 +18,12 @@ from nacd.pipeline_params import default_params
 
 PIPELINE_NAME = "nacd"
 DEFAULT_S3_SECRET = "nacd-s3"
-# Secret data key -> environment variable read by boto3 / pyarrow inside the steps.
+# Secret data key -> environment variable read by boto3 / pyarrow inside the steps. The endpoint
+# (optional, for MinIO) is what `s3://` model and data URIs are read from: the steps that load
+# them are not given the `storage` section, whose endpoint_url is for the run's store.
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-                  "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+                  "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+                  "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"}
 GPU_TASKS = ("train-experts", "distill", "select-less", "evaluate")
 SHM_SIZE = "16Gi"
 
@@ -39,6 +42,7 @@ def _on_gpu(task: dsl.PipelineTask, accelerator: str, count, enabled: bool = Tru
 
 
 def _with_s3(task: dsl.PipelineTask, secret: str) -> dsl.PipelineTask:
+    """For every step that may read S3: the store, or an `s3://` model or data source."""
     # optional: a run against a local-folder store needs no Secret at all.
     kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=S3_SECRET_KEYS,
                                  optional=True)
@@ -70,11 +74,17 @@ def build_pipeline(s3_secret: str = DEFAULT_S3_SECRET, gpus: bool = True):
         gpus_per_expert: int = 1,
         gpus_per_step: int = 1,
     ):
-        prep = c.prepare_data(data=data, source=source).set_display_name("prepare data")
+        # Checks that need the whole config (budget against the pool, LESS targets against the
+        # evaluation set) fail the run here, before any step that reads data starts.
+        check = c.check_config(name=name, budget=budget, storage=storage, data=data, source=source,
+                               experts=experts, seed_selection=seed_selection, distill=distill,
+                               selection=selection, evaluation=evaluation)
+        check.set_display_name("check config")
+        prep = c.prepare_data(data=data, source=source).set_display_name("prepare data").after(check)
         _with_s3(prep, s3_secret)
         dataset = prep.outputs["dataset"]
 
-        plan = c.expert_indices(experts=experts).set_display_name("plan experts")
+        plan = c.expert_indices(experts=experts).set_display_name("plan experts").after(check)
         with dsl.ParallelFor(plan.output, name="experts") as index:
             expert = c.train_experts(source=source, experts=experts, storage=storage,
                                      expert_index=index, num_gpus=gpus_per_expert,
@@ -84,7 +94,7 @@ def build_pipeline(s3_secret: str = DEFAULT_S3_SECRET, gpus: bool = True):
         rand = c.select_random(budget=budget, selection=selection, dataset=dataset)
         less = c.select_less(budget=budget, source=source, selection=selection, data=data,
                              num_gpus=gpus_per_step, dataset=dataset)
-        _on_gpu(less, accelerator, gpus_per_step, gpus)
+        _with_s3(_on_gpu(less, accelerator, gpus_per_step, gpus), s3_secret)
         full = c.full_variant(dataset=dataset)
 
         # The seeds may be LESS's rows (seed_selection.method is a run parameter, so the edge is
@@ -100,6 +110,7 @@ def build_pipeline(s3_secret: str = DEFAULT_S3_SECRET, gpus: bool = True):
                          stores=dsl.Collected(expert.outputs["store"]))
         _with_s3(_on_gpu(dist, accelerator, gpus_per_step, gpus), s3_secret)
         proj = c.project_ids(source=source, distill=distill, synthetic=dist.outputs["synthetic"])
+        _with_s3(proj, s3_secret)
 
         variant_data = {"distilled": proj.outputs["distilled"], "random": rand.outputs["variant"],
                         "less": less.outputs["variant"], "full": full.outputs["variant"],
@@ -107,12 +118,12 @@ def build_pipeline(s3_secret: str = DEFAULT_S3_SECRET, gpus: bool = True):
         collected = {}
         for variant, artifact in variant_data.items():
             items = c.eval_plan(evaluation=evaluation, data=data, variant=variant)
-            items.set_display_name(f"plan {variant}")
+            items.set_display_name(f"plan {variant}").after(check)
             with dsl.ParallelFor(items.output, name=f"evaluate-{variant}") as item:
                 kwargs = {} if artifact is None else {"variant_data": artifact}
                 ev = c.evaluate(item=item, num_gpus=gpus_per_step, **kwargs)
                 ev.set_display_name(f"evaluate {variant}")
-                _on_gpu(ev, accelerator, gpus_per_step, gpus)
+                _with_s3(_on_gpu(ev, accelerator, gpus_per_step, gpus), s3_secret)
             collected[variant] = dsl.Collected(ev.outputs["scores"])
 
         rep = c.report(**collected).set_display_name("report")
@@ -166,8 +177,9 @@ def customize_ir(ir_text: str, params: list[str], tolerations: list[dict] | None
 
 def upload(host: str, package: str, pipeline_name: str, version: str,
            description: str = "") -> str:
-    """Upload ``package`` as a new version of ``pipeline_name`` (the pipeline is created on
-    first upload); returns the version id."""
+    """Upload ``package`` as version ``version`` of ``pipeline_name``; returns what was made, for
+    the log. The first upload creates the pipeline, and KFP names that first version after the
+    pipeline: ``version`` names the later ones."""
     import kfp
 
     client = kfp.Client(host=host)
@@ -175,7 +187,7 @@ def upload(host: str, package: str, pipeline_name: str, version: str,
     if pipeline_id is None:
         pipeline = client.upload_pipeline(package, pipeline_name=pipeline_name,
                                           description=description)
-        return pipeline.pipeline_id
+        return f"new pipeline {pipeline_name} ({pipeline.pipeline_id}), first version named after it"
     result = client.upload_pipeline_version(package, pipeline_version_name=version,
                                             pipeline_id=pipeline_id)
-    return result.pipeline_version_id
+    return f"{pipeline_name} version {version} ({result.pipeline_version_id})"

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import helm_python as helm
 import pytest
@@ -76,7 +77,8 @@ def test_default_render(chart_dir):
 def test_minio_values_make_the_secret_and_tolerations(chart_dir):
     docs = _render(chart_dir, _values("minio-values.yaml"))
     secret = docs["Secret/nacd-s3"]
-    assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": "minio", "AWS_SECRET_ACCESS_KEY": "minio123"}
+    assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": "minio", "AWS_SECRET_ACCESS_KEY": "minio123",
+                                    "AWS_ENDPOINT_URL": "http://minio.kubeflow.svc.cluster.local:9000"}
     args = docs["Job/demo-nacd-upload-r3"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--param=storage.endpoint_url=http://minio.kubeflow.svc.cluster.local:9000" in args
     assert "--param=storage.root=s3://mlpipeline/nacd" in args
@@ -131,3 +133,35 @@ def test_missing_compiled_pipeline_fails_clearly(tmp_path):
     (dst / "files" / "nacd_pipeline.yaml").unlink(missing_ok=True)
     with pytest.raises(helm.HelmError, match="nacd compile -o charts/nacd/files"):
         _render(dst, None)
+
+
+def test_upload_names_what_it_made(monkeypatch, tmp_path):
+    """No KFP server here: a recording client stands in for kfp.Client to check which API call each
+    case makes (a first upload cannot name its version) and that the log line says so."""
+    import kfp
+
+    from pipelines import nacd_pipeline
+
+    calls = []
+
+    class RecordingClient:
+        def __init__(self, host):
+            self.known = host.endswith("known")
+
+        def get_pipeline_id(self, name):
+            return "pid-1" if self.known else None
+
+        def upload_pipeline(self, package, pipeline_name, description):
+            calls.append(("upload_pipeline", pipeline_name))
+            return SimpleNamespace(pipeline_id="pid-new")
+
+        def upload_pipeline_version(self, package, pipeline_version_name, pipeline_id):
+            calls.append(("upload_pipeline_version", pipeline_version_name, pipeline_id))
+            return SimpleNamespace(pipeline_version_id="vid-2")
+
+    monkeypatch.setattr(kfp, "Client", RecordingClient)
+    first = nacd_pipeline.upload("http://fresh", "p.yaml", "nacd", "demo-r1")
+    later = nacd_pipeline.upload("http://known", "p.yaml", "nacd", "demo-r2")
+    assert calls == [("upload_pipeline", "nacd"), ("upload_pipeline_version", "demo-r2", "pid-1")]
+    assert "new pipeline nacd (pid-new)" in first and "demo-r1" not in first
+    assert later == "nacd version demo-r2 (vid-2)"

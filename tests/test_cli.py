@@ -78,3 +78,23 @@ def test_library_does_not_import_kfp():
             "print('kfp' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_submit_and_compile_need_neither_torch_nor_numpy(tmp_path):
+    """The CI job that submits a run installs only kfp, pydantic and PyYAML: the config's checks
+    (budget, LESS targets against the evaluation set) and compiling must not need the ML stack."""
+    code = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('torch', 'numpy', 'transformers', 'datasets', 'pyarrow'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from nacd.cli import main, submit_arguments
+args = submit_arguments('configs/opt-to-llama.yaml', ['storage.root=s3://b/p'])
+assert args['storage']['root'] == 's3://b/p'
+sys.exit(main(['compile', '-o', {str(tmp_path / 'p.yaml')!r}]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "p.yaml").is_file()

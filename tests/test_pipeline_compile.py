@@ -14,7 +14,7 @@ from nacd.pipeline_params import (STAGE_SECTIONS, config_from_sections, config_t
                                   eval_items, stage_params)
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["prepare-data", "expert-indices", "train-experts", "select-seeds", "distill",
+STAGES = ["check-config", "prepare-data", "expert-indices", "train-experts", "select-seeds", "distill",
           "project-ids", "select-random", "select-less", "full-variant", "eval-plan", "evaluate",
           "report"]
 
@@ -85,7 +85,7 @@ def test_gpu_shm_and_secret_settings(ir):
     spec, platform = ir["spec"], ir["platform"]
     execs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     gpu_tasks = {"train-experts", "distill", "select-less", "evaluate"}
-    seen = set()
+    seen, seen_secret = set(), set()
     for name, task in _tasks(spec).items():
         base = name.rstrip("-0123456789")
         ex = _executor_of(spec, task)
@@ -101,12 +101,18 @@ def test_gpu_shm_and_secret_settings(ir):
             assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
         else:
             assert "accelerator" not in resources, f"{name} should not ask for a GPU"
-        if base in {"train-experts", "distill", "prepare-data"}:
+        # every step that may read S3 (the store, or an s3:// model or data source) gets the Secret
+        if base in {"prepare-data", "train-experts", "distill", "project-ids", "select-less", "evaluate"}:
             secret = k8s["secretAsEnv"][0]
             assert secret["secretNameParameter"]["runtimeValue"]["constant"] == "my-s3"
+            assert secret["optional"] is True, "a local-folder store needs no Secret"
             envs = {m["envVar"] for m in secret["keyToEnv"]}
-            assert envs == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+            assert envs == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
+            seen_secret.add(base)
+        else:
+            assert "secretAsEnv" not in k8s, f"{name} reads no S3 and should not get the Secret"
     assert seen == gpu_tasks
+    assert len(seen_secret) == 6
 
 
 def test_parameters_have_schema_defaults_and_no_credentials(ir):
@@ -148,3 +154,23 @@ def test_unrequested_variant_is_a_single_skip_item():
         {"skip": True, "variant": "less"}]
     items = eval_items(params["evaluation"], params["data"], "none")
     assert [i["target"] for i in items] == ["tiny-llama", "tiny-gemma3"]
+
+
+def test_the_first_step_runs_the_whole_config_checks():
+    """A run started from the KFP UI never passes through the CLI: the pipeline's check-config
+    step refuses what the CLI refuses, on the whole config (the select-less step alone cannot
+    see the evaluation set)."""
+    from components import stages as c
+    from nacd.config import ConfigError
+    from nacd.pipeline_params import params_from_overrides
+
+    check = c.check_config.python_func
+    check(**params_from_overrides([]))
+    leak = params_from_overrides(["selection.less.target_split=validation"])
+    with pytest.raises(ConfigError, match=r"evaluation.benchmarks\[0\]"):
+        check(**leak)
+    # the same LESS targets, scored on MMLU only, leak nothing
+    check(**params_from_overrides(["selection.less.target_split=validation",
+                                   "evaluation.benchmarks=[{name: mmlu, split: val}]"]))
+    with pytest.raises(ConfigError, match="budget"):
+        check(**params_from_overrides(["budget=500", "data.pool_size=100"]))

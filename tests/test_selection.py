@@ -11,8 +11,9 @@ import torch
 from nacd.config import (ConfigError, DataConfig, DataSourceConfig, LessConfig, RunConfig,
                          SelectionConfig, SourceModelConfig)
 from nacd.selection.common import SelectionError, load_pool
-from nacd.selection.less import (adam_feature, check_no_eval_leak, combine_scores, example_grads, load_targets,
-                                 select_less, subtask_means, work_dir_for)
+from nacd.pipeline_params import check_no_eval_leak
+from nacd.selection.less import (adam_feature, combine_scores, example_grads, load_targets, select_less,
+                                 subtask_means, work_dir_for)
 from nacd.selection.projection import RandomProjector
 from nacd.selection.random import select_random
 from nacd.selection.seeds import read_seeds, select_seeds
@@ -232,6 +233,13 @@ def test_targets_leak_check_and_mmlu_subtasks(shared_data):
         check_no_eval_leak(cfg)
     cfg.selection.less.allow_eval_overlap = True
     check_no_eval_leak(cfg)
+    # LESS's rows unused (no less variant, random seeds): nothing leaks; used as seeds: refused
+    cfg.selection.less.allow_eval_overlap = False
+    cfg.evaluation.variants = ["distilled", "random"]
+    check_no_eval_leak(cfg)
+    cfg.seed_selection.method = "less"
+    with pytest.raises(ConfigError, match=r"evaluation.benchmarks\[0\]"):
+        check_no_eval_leak(cfg)
 
     mmlu = make_cfg(shared_data)
     mmlu.selection.less.target_benchmark = "mmlu"

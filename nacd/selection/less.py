@@ -12,8 +12,9 @@ Tuning") on the pool, at the run's budget.
 
 Target examples (see nacd/selection/README.md): MMLU ``dev`` (5 per subject, as LESS), ARC-Easy a seeded
 ``target_examples`` from ``train`` by default. A target split that an evaluation benchmark also
-scores is refused unless ``selection.less.allow_eval_overlap`` is set: it would leak the
-evaluation set into selection.
+scores is refused before the run (:func:`nacd.pipeline_params.check_no_eval_leak`, on the whole
+config: this stage is not given the evaluation settings) unless ``selection.less.allow_eval_overlap``
+is set: it would leak the evaluation set into selection.
 
 Memory stays flat in the pool size: per-checkpoint train features are streamed through the
 projection in batches of ``proj_batch`` and reduced to per-subtask scores at once; only the
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from nacd import storage
-from nacd.config import ConfigError, LessConfig, RunConfig
+from nacd.config import LessConfig, RunConfig
 from nacd.models import ParamSpace
 from nacd.selection.common import (SelectionError, budget_for, load_pool, random_subset,
                                    variant_rows)
@@ -43,8 +44,6 @@ from nacd.data.tokenization import IGNORE_INDEX, tokenize_example
 from nacd.selection.warmup import AdamState, Checkpoint, warmup_train
 
 SCORES_FILE = "less_scores.json"
-DEFAULT_TARGET_SPLIT = {"mmlu": "dev", "arc_easy": "train"}
-_SPLIT_ALIASES = {"val": "validation"}
 
 
 # --------------------------------------------------------------------------- features
@@ -131,32 +130,13 @@ class TargetSet:
                 "subtasks": {n: [e["id"] for e in self.examples[g]] for n, g in zip(self.names, self.groups)}}
 
 
-def target_split(lcfg: LessConfig) -> str:
-    return lcfg.target_split or DEFAULT_TARGET_SPLIT[lcfg.target_benchmark]
-
-
-def check_no_eval_leak(cfg: RunConfig) -> None:
-    """Refuse target gradients from a split that the evaluation also scores (LESS's own caveat)."""
-    lcfg = cfg.selection.less
-    split = target_split(lcfg)
-    norm = _SPLIT_ALIASES.get(split, split)
-    for i, b in enumerate(cfg.evaluation.benchmarks):
-        if (b.name == lcfg.target_benchmark and _SPLIT_ALIASES.get(b.split, b.split) == norm
-                and not lcfg.allow_eval_overlap):
-            raise ConfigError(
-                f"selection.less.target_split: {lcfg.target_benchmark} '{split}' is also scored by "
-                f"evaluation.benchmarks[{i}]; LESS would select with gradients of the evaluation set. "
-                f"Use another split ({DEFAULT_TARGET_SPLIT[lcfg.target_benchmark]!r} is the default) "
-                f"or set selection.less.allow_eval_overlap=true knowingly")
-
-
 def load_targets(cfg: RunConfig, tokenizer) -> TargetSet:
     """The target examples: benchmark questions as instruction data in the pool's own template."""
     from nacd.data.benchmarks import load_benchmark
     from nacd.data.formats import mc_to_instruction, render_prompt
 
     lcfg = cfg.selection.less
-    split = target_split(lcfg)
+    split = lcfg.resolved_target_split()
     questions = load_benchmark(lcfg.target_benchmark, split, cfg.data.data_dir)
     by_task: dict[str, list] = {}
     for q in questions:
@@ -242,7 +222,6 @@ def select_less(cfg: RunConfig, dataset_dir: str | Path, out_dir: str | Path, *,
     t0 = time.time()
     dataset_dir = Path(dataset_dir)
     lcfg = cfg.selection.less
-    check_no_eval_leak(cfg)
     pool_ds = load_pool(dataset_dir)
     for col in ("input_ids", "labels"):
         if col not in pool_ds.column_names:
