@@ -24,16 +24,20 @@ throughput). The offsets are a cache of what any Arrow reader finds through the 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import google_crc32c
 import numpy as np
 import pyarrow as pa
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nacd import storage as sio
 from nacd.config import StorageConfig
@@ -349,6 +353,8 @@ class ExpertTrajectory:
             if _sha256(data) != shard["sha256"]:
                 raise ChecksumError(f"{uri}: shard sha256 mismatch: the shard is corrupt")
             located = locate_rows(data)
+            if len(located) != shard["rows"]:  # the manifest's rows were checked against itself, not the file
+                raise TrajectoryError(f"{uri}: holds {len(located)} rows, the manifest says {shard['rows']}")
             for c in by_shard.get(shard["name"], []):
                 if located[c["row"]] != {k: c[k] for k in ("offset", "nbytes", "crc32c")}:
                     raise TrajectoryError(f"{uri}: row {c['row']} does not match the manifest")
@@ -360,18 +366,152 @@ def _read(uri: str, offset: int, nbytes: int, cfg: StorageConfig | None) -> np.n
     return np.frombuffer(sio.read_range(uri, offset, nbytes, cfg), dtype=np.uint8)
 
 
+# --------------------------------------------------------------------------- manifest schema
+# Every manifest field the reader uses, checked once when the manifest is read: a malformed
+# manifest is then one TrajectoryError naming the file and the field, not a KeyError or TypeError
+# from deep inside read() or verify(). Strict types: the writer never emits "12" for an offset or
+# true for a count, so coercing them would only hide a foreign or hand-edited manifest. Other keys
+# (source model, optimizer, seed, ...) are the writer's metadata and pass through unchecked.
+_Count = Annotated[int, Field(ge=0)]
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class _ParamSpaceEntry(_Schema):
+    kind: str = "lora"
+    lora: dict | None = None
+    names: list[str]
+    shapes: list[list[_Count]]
+    offsets: list[_Count] | None = None  # derived from shapes; cross-checked when present
+    numel: _Count | None = None
+
+
+class _ShardEntry(_Schema):
+    # A fixed name pattern: the name is joined to the expert's URI, so it must not be a path.
+    name: Annotated[str, Field(pattern=r"^shard-[0-9]{5,}\.arrow$")]
+    bytes: _Count
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    rows: _Count
+
+
+class _CheckpointEntry(_Schema):
+    step: int
+    epoch: float
+    lr: float
+    shard: str
+    row: _Count
+    offset: _Count
+    nbytes: _Count
+    crc32c: Annotated[str, Field(pattern=r"^[0-9a-f]{8}$")]
+
+
+class _ManifestSchema(_Schema):
+    format: str
+    format_version: int
+    expert: str = ""
+    extra: dict = {}  # experts.py reads its run fingerprint and summary from here
+    param_space: _ParamSpaceEntry
+    dtype: str
+    numel: _Count
+    shards: list[_ShardEntry]
+    checkpoints: list[_CheckpointEntry]
+
+
+_MAX_PROBLEMS = 5  # a manifest broken everywhere would otherwise give a message per checkpoint
+
+
+def _field_path(loc: tuple) -> str:
+    """pydantic's ``('checkpoints', 3, 'offset')`` as ``checkpoints[3].offset``."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "<root>"
+
+
+def _schema_problems(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        if e["type"] == "missing":
+            out.append(f"{_field_path(e['loc'])}: missing")
+        elif e["type"] == "model_type":  # pydantic would name our private class here
+            out.append(f"{_field_path(e['loc'])}: should be an object (got {type(e['input']).__name__})")
+        else:
+            got = repr(e["input"])
+            got = got if len(got) <= 60 else got[:57] + "..."
+            out.append(f"{_field_path(e['loc'])}: {e['msg'][:1].lower()}{e['msg'][1:]} (got {got})")
+    return out
+
+
+def _consistency_problems(manifest: dict) -> Iterator[str]:
+    """Contradictions between fields that each have the right type (runs after the schema)."""
+    desc = manifest["param_space"]
+    if len(desc["shapes"]) != len(desc["names"]):
+        yield f"param_space.shapes: {len(desc['shapes'])} shapes for {len(desc['names'])} names"
+        return  # the layout below would be meaningless
+    if len(set(desc["names"])) != len(desc["names"]):
+        yield "param_space.names: a name appears twice"
+    space = ParamSpace.from_description(desc)
+    if desc.get("offsets") is not None and desc["offsets"] != space.offsets:
+        yield f"param_space.offsets: {desc['offsets']} do not follow from the shapes ({space.offsets})"
+    if desc.get("numel") is not None and desc["numel"] != space.numel:
+        yield f"param_space.numel: {desc['numel']}, but the shapes hold {space.numel} parameters"
+    if manifest["numel"] != space.numel:
+        yield f"numel: {manifest['numel']}, but param_space's shapes hold {space.numel} parameters"
+    if manifest["dtype"] not in STORAGE_DTYPES:
+        yield f"dtype: unknown storage dtype {manifest['dtype']!r} (knows {sorted(STORAGE_DTYPES)})"
+        return  # row sizes below depend on it
+    row_bytes = space.numel * STORAGE_DTYPES[manifest["dtype"]][2]
+    shards: dict[str, dict] = {}
+    for j, shard in enumerate(manifest["shards"]):
+        if shard["name"] in shards:
+            yield f"shards[{j}].name: '{shard['name']}' is listed twice"
+        shards[shard["name"]] = shard
+    if not manifest["checkpoints"]:
+        yield "checkpoints: empty (a committed trajectory has at least one checkpoint)"
+    claimed: dict[tuple[str, int], int] = {}  # (shard, row) -> first checkpoint naming it
+    for i, c in enumerate(manifest["checkpoints"]):
+        where, shard = f"checkpoints[{i}]", shards.get(c["shard"])
+        if shard is None:
+            yield f"{where}.shard: '{c['shard']}' is not in shards"
+            continue
+        if c["row"] >= shard["rows"]:
+            yield f"{where}.row: {c['row']} is out of range (shard '{c['shard']}' has {shard['rows']} rows)"
+        elif (c["shard"], c["row"]) in claimed:
+            first = claimed[c["shard"], c["row"]]
+            yield f"{where}.row: row {c['row']} of '{c['shard']}' is already checkpoints[{first}]"
+        claimed.setdefault((c["shard"], c["row"]), i)
+        if c["nbytes"] != row_bytes:
+            yield f"{where}.nbytes: {c['nbytes']}, but {space.numel} {manifest['dtype']} parameters take {row_bytes}"
+        elif c["offset"] + c["nbytes"] > shard["bytes"]:
+            yield (f"{where}.offset: bytes {c['offset']}..{c['offset'] + c['nbytes']} lie past the end of "
+                   f"'{c['shard']}' ({shard['bytes']} bytes)")
+    named = Counter(name for name, _ in claimed)
+    for j, shard in enumerate(manifest["shards"]):
+        if named[shard["name"]] != shard["rows"]:
+            yield f"shards[{j}].rows: {shard['rows']}, but checkpoints name {named[shard['name']]} rows of it"
+
+
 def _check_manifest(uri: str, manifest: Any) -> dict:
+    """The parsed manifest, unchanged, once its structure is known good; else a TrajectoryError
+    naming ``uri`` and the first few bad fields (``checkpoints[3].offset: missing``)."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise TrajectoryError(f"{uri}: not a trajectory manifest (format != {FORMAT!r})")
     version = manifest.get("format_version")
     if version not in SUPPORTED_VERSIONS:
         raise TrajectoryError(f"{uri}: trajectory format version {version!r} is not supported by this "
                               f"nacd (knows {sorted(SUPPORTED_VERSIONS)}): upgrade nacd or rewrite the store")
-    for key in ("param_space", "dtype", "numel", "shards", "checkpoints"):
-        if key not in manifest:
-            raise TrajectoryError(f"{uri}: manifest field '{key}' is missing")
-    if manifest["dtype"] not in STORAGE_DTYPES:
-        raise TrajectoryError(f"{uri}: field 'dtype': unknown storage dtype {manifest['dtype']!r}")
+    try:
+        _ManifestSchema.model_validate(manifest)
+        problems = []
+    except ValidationError as e:
+        problems = _schema_problems(e)
+    if not problems:
+        problems = list(itertools.islice(_consistency_problems(manifest), _MAX_PROBLEMS + 1))
+    if problems:
+        more = "; and more" if len(problems) > _MAX_PROBLEMS else ""
+        raise TrajectoryError(f"{uri}: " + "; ".join(problems[:_MAX_PROBLEMS]) + more)
     return manifest
 
 

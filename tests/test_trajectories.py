@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -226,3 +227,71 @@ def test_single_checkpoint_read_is_one_range_request(s3_bucket):
         assert proxy.body_bytes - before_bytes == numel * 4
     finally:
         proxy.server.shutdown()
+
+
+# --------------------------------------------------------------------------- malformed manifests
+def _drop(*path):
+    def mutate(m):
+        *parents, key = path
+        for p in parents:
+            m = m[p]
+        del m[key]
+    return mutate
+
+
+def _set(value, *path):
+    def mutate(m):
+        *parents, key = path
+        for p in parents:
+            m = m[p]
+        m[key] = value
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (_drop("param_space", "names"), r"param_space\.names: missing"),
+    (_set([1], "param_space"), r"param_space: should be an object"),
+    (_drop("checkpoints", 1, "offset"), r"checkpoints\[1\]\.offset: missing"),
+    (_drop("checkpoints", 2, "crc32c"), r"checkpoints\[2\]\.crc32c: missing"),
+    (_drop("shards", 0, "sha256"), r"shards\[0\]\.sha256: missing"),
+    (_set(7, "checkpoints", 1, "row"), r"checkpoints\[1\]\.row: 7 is out of range \(shard 'shard-00000\.arrow' has 3 rows\)"),
+    (_set({"a": 1}, "checkpoints"), r"checkpoints: input should be a valid list"),
+    (_set("12", "checkpoints", 0, "offset"), r"checkpoints\[0\]\.offset: input should be a valid integer \(got '12'\)"),
+    (_set(True, "checkpoints", 0, "row"), r"checkpoints\[0\]\.row: input should be a valid integer"),
+    (_set(99, "numel"), rf"numel: 99, but param_space's shapes hold {SPACE.numel} parameters"),
+    (_set([[4, 32], [32, 4], [4, 41]], "param_space", "shapes"), r"param_space\.numel: \d+, but the shapes hold"),
+    (_set("shard-00009.arrow", "checkpoints", 0, "shard"), r"checkpoints\[0\]\.shard: 'shard-00009\.arrow' is not in shards"),
+    (_set("../../x.arrow", "shards", 0, "name"), r"shards\[0\]\.name: string should match pattern"),
+    (_set(10**9, "checkpoints", 0, "nbytes"), r"checkpoints\[0\]\.nbytes: 1000000000, but"),
+    (_set(10**9, "checkpoints", 0, "offset"), r"checkpoints\[0\]\.offset: bytes 1000000000\.\.\d+ lie past the end"),
+    (_set(0, "checkpoints", 1, "row"), r"checkpoints\[1\]\.row: row 0 of 'shard-00000\.arrow' is already checkpoints\[0\]"),
+    (_set(4, "shards", 0, "rows"), r"shards\[0\]\.rows: 4, but checkpoints name 3 rows of it"),
+    (_set([], "checkpoints"), r"checkpoints: empty"),
+    (_set("float16", "dtype"), r"dtype: unknown storage dtype 'float16'"),
+], ids=["names-missing", "param-space-not-object", "offset-missing", "crc32c-missing", "sha256-missing", "row-out-of-range", "checkpoints-not-list", "offset-str", "row-bool", "numel-contradicts", "shapes-contradict-numel", "unknown-shard", "shard-name-is-a-path", "nbytes-wrong", "offset-past-end", "row-twice", "rows-contradict", "no-checkpoints", "unknown-dtype"])
+def test_malformed_manifest_names_the_file_and_the_field(tmp_path, mutate, field):
+    root = str(tmp_path)
+    _write(root, "expert-000", _vectors(3, SPACE.numel))
+    mpath = tmp_path / "experts" / "expert-000" / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    mutate(manifest)
+    mpath.write_text(json.dumps(manifest))
+    # refused when the manifest is read, before any checkpoint is: one error, file and field named
+    with pytest.raises(TrajectoryError, match=re.escape(f"{mpath}: ") + field) as err:
+        open_store(root).expert("expert-000")
+    assert type(err.value) is TrajectoryError
+    with pytest.raises(TrajectoryError, match=field):
+        open_store(root).experts()
+
+
+def test_verify_catches_a_shard_with_fewer_rows_than_the_manifest(tmp_path):
+    # a self-consistent manifest (it passes the reader's checks) claiming a row its shard lacks
+    _write(str(tmp_path), "expert-000", _vectors(1, SPACE.numel))
+    mpath = tmp_path / "experts" / "expert-000" / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest["shards"][0]["rows"] = 2
+    manifest["checkpoints"].append({**manifest["checkpoints"][0], "index": 1, "step": 5, "row": 1})
+    mpath.write_text(json.dumps(manifest))
+    traj = open_store(str(tmp_path)).expert("expert-000")
+    with pytest.raises(TrajectoryError, match=r"shard-00000\.arrow: holds 1 rows, the manifest says 2"):
+        traj.verify()
