@@ -336,7 +336,7 @@ def reuse_twin(plan: Plan, scores_root: Path, out: Path, key: dict) -> bool:
             from nacd.data.variants import atomic_dir, write_json
 
             print(f"[quality]   same text as {twin.parent}: its evaluation is reused", flush=True)
-            with atomic_dir(out) as tmp:
+            with atomic_dir(out, "scores.json") as tmp:
                 shutil.copytree(twin.parent, tmp, dirs_exist_ok=True)
                 write_json(tmp / "reused-from.json", {"scores": str(twin.parent.relative_to(plan.work))})
             return True
@@ -557,7 +557,7 @@ def evaluate_embeddings(cfg, synthetic_dir: Path, out_dir: Path) -> list[dict]:
             "loss_first": losses[0], "loss_last": losses[-1], **ft.model_dump(mode="json")}
     rows = [{"target": cfg.source.name, "variant": "no_projection", **result, "seed": ft.seed, "finetune": info}
             for result in score_benchmarks(model, tokenizer, cfg)]
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "scores.json") as tmp:
         write_json(tmp / "scores.json", rows)
     return rows
 

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from nacd.atomic import owner_tag, sweep_dead_temps, temp_dir_beside, temp_file_beside
 
 KILLED_WRITER = textwrap.dedent("""
@@ -91,9 +93,9 @@ def test_a_stage_folder_rebuilt_after_a_kill_leaves_nothing_beside_it(tmp_path):
 
     final = tmp_path / "random"
     _killed_writer(final)
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, "variant.json") as tmp:
         (tmp / "variant.json").write_text("{}")
-    with atomic_dir(final) as tmp:  # a rerun replaces it through a set-aside copy, also removed
+    with atomic_dir(final, "variant.json") as tmp:  # a rerun replaces it through a set-aside copy, also removed
         (tmp / "variant.json").write_text('{"again": true}')
     assert [p.name for p in tmp_path.iterdir()] == ["random"]
     assert (final / "variant.json").read_text() == '{"again": true}'
@@ -103,3 +105,49 @@ def test_a_temp_file_is_hidden_and_owned(tmp_path):
     fd, path = temp_file_beside(tmp_path / "a" / "record.json")
     os.close(fd)
     assert path.parent == tmp_path / "a" and path.name.startswith(".record.json.tmp-" + owner_tag() + "-")
+
+
+@pytest.mark.parametrize("existing", ["file", "user_folder", "link"])
+def test_a_stage_never_replaces_what_it_did_not_write(tmp_path, existing):
+    """A mistyped --out: a file, a folder of the user's, or a link is refused before any work,
+    and left exactly as it was."""
+    from nacd.data.variants import OutputError, atomic_dir
+
+    final = tmp_path / "out"
+    if existing == "file":
+        final.write_text("precious")
+    elif existing == "user_folder":
+        final.mkdir()
+        (final / "notes.txt").write_text("precious")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        final.symlink_to(tmp_path / "elsewhere")
+    ran = []
+    with pytest.raises(OutputError, match=str(final)):
+        with atomic_dir(final, "variant.json") as tmp:
+            ran.append(tmp)
+    assert ran == [], "refused before the stage's work"
+    if existing == "file":
+        assert final.read_text() == "precious"
+    elif existing == "user_folder":
+        assert (final / "notes.txt").read_text() == "precious"
+    else:
+        assert final.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + (["elsewhere"] if existing == "link" else []))
+
+
+def test_an_empty_folder_or_an_earlier_output_is_replaced_and_a_stage_must_finish(tmp_path):
+    from nacd.data.variants import atomic_dir
+
+    final = tmp_path / "out"
+    final.mkdir()  # e.g. made by the orchestrator for the artifact
+    with atomic_dir(final, "variant.json") as tmp:
+        (tmp / "variant.json").write_text("1")
+    with atomic_dir(final, "variant.json") as tmp:
+        (tmp / "variant.json").write_text("2")
+    assert (final / "variant.json").read_text() == "2"
+    with pytest.raises(RuntimeError, match="wrote no variant.json"):
+        with atomic_dir(final, "variant.json") as tmp:
+            (tmp / "data.jsonl").write_text("half")
+    assert sorted(p.name for p in final.iterdir()) == ["variant.json"], "the earlier output is kept"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

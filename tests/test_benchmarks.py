@@ -1,6 +1,9 @@
 """ARC-Easy and MMLU loaders on the real shared data, and their bad-input errors."""
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 from nacd.data.benchmarks import load_benchmark, subjects
@@ -49,4 +52,29 @@ def test_bad_arc_answer_key(tmp_path):
     (tmp_path / "arc_easy" / "validation.jsonl").write_text(
         '{"id": "q1", "question": "?", "choices": {"label": ["A", "B"], "text": ["x", "y"]}, "answerKey": "C"}\n')
     with pytest.raises(DataSourceError, match="answerKey 'C' is not one of its labels"):
+        load_benchmark("arc_easy", "validation", tmp_path)
+
+
+def test_users_mc_rows_name_file_line_and_field(tmp_path):
+    from nacd.data.formats import to_instructions
+    from nacd.data.sources import load_records
+
+    mmlu = tmp_path / "mine.jsonl"
+    row = {"question": "q", "A": "1", "B": "2", "C": "3", "D": "4", "answer": "B"}
+    mmlu.write_text(json.dumps(row) + "\n")  # no id: gets <source>/<index>, like other formats
+    ex = to_instructions(load_records(str(mmlu)), "mmlu", "mine")[0]
+    assert (ex.id, ex.response) == ("mine/0", "B")  # MMLU scores the letter, subject or not
+    for drop in ("question", "C"):
+        mmlu.write_text(json.dumps(row) + "\n" + json.dumps({k: v for k, v in row.items() if k != drop}) + "\n")
+        with pytest.raises(DataSourceError, match=rf"^{re.escape(str(mmlu))}:2: field '{drop}' is missing$"):
+            to_instructions(load_records(str(mmlu)), "mmlu", "mine")
+
+
+@pytest.mark.parametrize("choices,found", [({"label": ["A"], "text": ["x"]}, r"1 choice\(s\) and 1 label\(s\)"),
+                                           ({"label": ["A", "B"], "text": ["x"]}, r"1 choice\(s\) and 2 label\(s\)")])
+def test_arc_choice_count_errors_are_not_answer_key_errors(tmp_path, choices, found):
+    (tmp_path / "arc_easy").mkdir()
+    path = tmp_path / "arc_easy" / "validation.jsonl"
+    path.write_text(json.dumps({"id": "q1", "question": "?", "choices": choices, "answerKey": "A"}) + "\n")
+    with pytest.raises(DataSourceError, match=rf"^{re.escape(str(path))}:1: question q1: {found}; a question needs at least 2"):
         load_benchmark("arc_easy", "validation", tmp_path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -83,7 +84,7 @@ def test_sharegpt_and_messages_formats():
                           {"role": "assistant", "content": "a"}]}]
     got = [to_instructions([r], "auto", "chat")[0] for r in rows]
     assert [(e.instruction, e.response, e.context) for e in got] == [("hi", "hello", ""), ("q", "a", "")]
-    with pytest.raises(DataSourceError, match="row 0: the conversation has no user turn"):
+    with pytest.raises(DataSourceError, match="chat row 1: the conversation has no user turn"):
         to_instructions([{"messages": [{"role": "user", "content": "only"}]}], "messages", "chat")
 
 
@@ -106,6 +107,62 @@ def test_s3_source(s3_bucket, tmp_path, monkeypatch):
     rows = load_records(f"s3://{bucket}/d/train.jsonl")
     assert [r["response"] for r in rows] == ["r0", "r1", "r2", "r3"]
     assert len(load_records(f"s3://{bucket}/d", "train")) == 4
+    # a bad row is named by its URI and line, not by the temp copy it was read from
+    boto3.client("s3", endpoint_url=endpoint).put_object(Bucket=bucket, Key="e/bad.jsonl",
+                                                         Body=b'{"instruction": "q"}\n')
+    with pytest.raises(DataSourceError, match=rf"^s3://{bucket}/e/bad\.jsonl:1: field 'response' is missing"):
+        to_instructions(load_records(f"s3://{bucket}/e/bad.jsonl"), "dolly", "bad")
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv"])
+def test_non_utf8_file_names_file_and_line(tmp_path, suffix):
+    path = tmp_path / f"latin1.{suffix}"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\n"\xff\xfe"\n')  # Latin-1 bytes on line 2
+    with pytest.raises(DataSourceError, match=rf"^{re.escape(str(path))}:2: not UTF-8 text \(byte 0xff"):
+        load_records(str(path))
+
+
+def test_row_errors_name_file_and_line(tmp_path):
+    jsonl = tmp_path / "missing.jsonl"
+    jsonl.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c"}\n')
+    with pytest.raises(DataSourceError, match=rf"^{re.escape(str(jsonl))}:3: field 'output' is missing$"):
+        to_instructions(load_records(str(jsonl)), "auto", "missing")
+    csv_path = tmp_path / "blank.csv"  # a quoted line break: the error names the line the record starts on
+    csv_path.write_text('instruction,output\n"two\nlines",b\nc,\n')
+    with pytest.raises(DataSourceError, match=rf"^{re.escape(str(csv_path))}:4: field 'output' is empty$"):
+        to_instructions(load_records(str(csv_path)), "alpaca", "blank")
+    parquet = tmp_path / "rows.parquet"
+    datasets.Dataset.from_list([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": " "}]
+                               ).to_parquet(str(parquet))
+    with pytest.raises(DataSourceError, match=rf"^{re.escape(str(parquet))} row 2: field 'output' is empty$"):
+        to_instructions(load_records(str(parquet)), "alpaca", "rows")
+
+
+@pytest.mark.parametrize("row,field", [
+    ({"instruction": ["a"], "output": {"x": 1}}, "field 'instruction' must be a string, got list"),
+    ({"instruction": "a", "input": 3, "output": "b"}, "field 'input' must be a string, got int"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                   {"role": "assistant", "content": "a"}]}, "turn 0's content must be a string, got list")])
+def test_text_fields_must_be_strings(tmp_path, row, field):
+    path = tmp_path / "wrongtype.jsonl"
+    path.write_text("\n" + json.dumps(row) + "\n")  # the row is on line 2: blank lines count
+    with pytest.raises(DataSourceError, match=rf"^{re.escape(str(path))}:2: {field}"):
+        to_instructions(load_records(str(path)), "auto", "wrongtype")
+
+
+def test_empty_source_is_an_error_naming_it(tmp_path):
+    good, empty = tmp_path / "good.jsonl", tmp_path / "headeronly.csv"
+    good.write_text('{"instruction": "a", "output": "b"}\n')
+    empty.write_text("instruction,output\n")
+    for sources in ([str(good), str(empty)], [str(empty)]):
+        cfg = DataConfig(sources=[DataSourceConfig(name=name, split="train") for name in sources])
+        with pytest.raises(DataSourceError, match=rf"^source '{re.escape(str(empty))}' \(split 'train'\) has no rows$"):
+            load_mixture(cfg)
+    (tmp_path / "arc_easy").mkdir()
+    (tmp_path / "arc_easy" / "validation.jsonl").write_text("\n")
+    cfg = DataConfig(sources=[DataSourceConfig(name="arc_easy", split="validation")], data_dir=str(tmp_path))
+    with pytest.raises(DataSourceError, match=rf"source 'arc_easy' \(split 'validation' in data_dir {re.escape(str(tmp_path))}\)"):
+        load_mixture(cfg)
 
 
 # --------------------------------------------------------------------------- formats
@@ -188,6 +245,23 @@ def test_prepare_data_writes_contract(shared_data, tmp_path):
     assert other["fingerprint"] != info["fingerprint"]
     trunc = prepare_data(_cfg(shared_data, max_length=128, overflow="truncate"), tmp_path / "ds3")
     assert trunc["counts"]["lima"]["truncated"] > 0 and trunc["rows"] > summary["rows"]
+
+
+def test_corrupt_prepare_json_is_rebuilt(tmp_path):
+    """A prepare.json left corrupt (a crash, a hand edit) must not block re-running the step;
+    readers of the dataset get an error naming the file."""
+    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    cfg = RunConfig(source=SourceModelConfig(name="tiny-llama"),
+                    data=DataConfig(sources=[DataSourceConfig(name=str(tmp_path / "d.jsonl"))], max_length=64))
+    out = tmp_path / "ds"
+    (out / "hf").mkdir(parents=True)
+    (out / "prepare.json").write_text("{bad")
+    with pytest.raises(DataSourceError, match=rf"^{re.escape(str(out / 'prepare.json'))}: not valid JSON"):
+        read_prepared(out)
+    summary = prepare_data(cfg, out)
+    assert "reused" not in summary and summary["rows"] == 1
+    assert read_prepared(out)["summary"] == summary
+    assert prepare_data(cfg, out)["reused"] is True
 
 
 def test_pool_size_subsample_is_seeded(shared_data):

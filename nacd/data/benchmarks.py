@@ -7,11 +7,19 @@ is accepted as an alias.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from nacd.data.sources import BUILTINS, DataSourceError, Record, load_builtin
+from nacd.data.sources import (
+    BUILTINS,
+    DataSourceError,
+    Record,
+    load_builtin,
+    row_where,
+    text_field,
+)
 
 BENCHMARKS = ("arc_easy", "mmlu")
 BenchmarkName = Literal["arc_easy", "mmlu"]
@@ -32,31 +40,48 @@ class MCQuestion:
 
     def __post_init__(self) -> None:
         if len(self.choices) != len(self.labels) or len(self.choices) < 2:
-            raise ValueError(f"question {self.id}: {len(self.choices)} choices, {len(self.labels)} labels")
+            raise ValueError(f"question {self.id}: {len(self.choices)} choice(s) and {len(self.labels)} label(s); "
+                             f"a question needs at least 2 choices, one label each")
         if not 0 <= self.answer < len(self.choices):
             raise ValueError(f"question {self.id}: answer index {self.answer} out of range")
 
 
-def _arc_question(row: Record, where: str) -> MCQuestion:
+def _question(where: str, **fields: Any) -> MCQuestion:
+    """An :class:`MCQuestion` whose own checks (choice count, answer range) name the row."""
     try:
-        labels = [str(x) for x in row["choices"]["label"]]
-        texts = [str(x) for x in row["choices"]["text"]]
-        return MCQuestion(id=str(row["id"]), question=str(row["question"]), choices=texts,
-                          labels=labels, answer=labels.index(str(row["answerKey"])))
-    except (KeyError, TypeError) as e:
-        raise DataSourceError(f"{where}: ARC record {row.get('id', '?')} lacks field {e}") from None
-    except ValueError:
-        raise DataSourceError(f"{where}: ARC record {row.get('id')}: answerKey {row.get('answerKey')!r} "
-                              f"is not one of its labels") from None
+        return MCQuestion(**fields)
+    except ValueError as e:
+        raise DataSourceError(f"{where}: {e}") from None
 
 
-def _mmlu_question(row: Record, where: str) -> MCQuestion:
+def _arc_question(row: Record, where: str, default_id: str) -> MCQuestion:
+    choices = row.get("choices")
+    if not (isinstance(choices, dict) and isinstance(choices.get("label"), list)
+            and isinstance(choices.get("text"), list)):
+        raise DataSourceError(f"{where}: field 'choices' must be an object with lists 'label' and 'text' "
+                              f"(the allenai/ai2_arc schema), got {choices!r:.80}")
+    texts = choices["text"]
+    if not all(isinstance(t, str) for t in texts):
+        raise DataSourceError(f"{where}: field 'choices.text' must be a list of strings, got {texts!r:.80}")
+    labels = [str(x) for x in choices["label"]]  # labels and answerKey are ids: "A" or 1 both do
+    qid = str(row.get("id", default_id))
+    if row.get("answerKey") is None:
+        raise DataSourceError(f"{where}: field 'answerKey' is missing")
+    if str(row["answerKey"]) not in labels:
+        raise DataSourceError(f"{where}: ARC record {qid}: answerKey {str(row['answerKey'])!r} "
+                              f"is not one of its labels {labels}")
+    return _question(where, id=qid, question=text_field(row, "question", where), choices=texts,
+                     labels=labels, answer=labels.index(str(row["answerKey"])))
+
+
+def _mmlu_question(row: Record, where: str, default_id: str) -> MCQuestion:
+    qid = str(row.get("id", default_id))
     answer = str(row.get("answer", "")).strip()
     if answer not in ("A", "B", "C", "D"):
-        raise DataSourceError(f"{where}: MMLU record {row.get('id')}: answer {answer!r} is not A-D")
-    return MCQuestion(id=str(row["id"]), question=str(row["question"]),
-                      choices=[str(row[k]) for k in "ABCD"], labels=list("ABCD"),
-                      answer="ABCD".index(answer), subject=row.get("subject"))
+        raise DataSourceError(f"{where}: MMLU record {qid}: field 'answer' {answer!r} is not A-D")
+    return _question(where, id=qid, question=text_field(row, "question", where),
+                     choices=[text_field(row, k, where, allow_blank=True) for k in "ABCD"],
+                     labels=list("ABCD"), answer="ABCD".index(answer), subject=row.get("subject"))
 
 
 def scored_continuations(benchmark: str, q: MCQuestion) -> list[str]:
@@ -66,9 +91,13 @@ def scored_continuations(benchmark: str, q: MCQuestion) -> list[str]:
     return [f" {c}" for c in q.choices] if benchmark == "arc_easy" else [f" {label}" for label in q.labels]
 
 
-def to_mc_questions(name: str, rows: list[Record], where: str = "") -> list[MCQuestion]:
+def to_mc_questions(name: str, rows: Sequence[Record], source: str = "") -> list[MCQuestion]:
+    """ARC- or MMLU-format records as questions. Errors name the row's file and line (or
+    ``<source> row <n>``); a row without ``id`` gets ``<source>/<index>``, as in
+    :func:`nacd.data.formats.to_instructions`."""
     convert = _arc_question if name == "arc_easy" else _mmlu_question
-    return [convert(r, where or name) for r in rows]
+    source = source or name
+    return [convert(r, row_where(rows, i, source), f"{source}/{i}") for i, r in enumerate(rows)]
 
 
 def load_benchmark(name: BenchmarkName, split: str, data_dir: str | Path | None = None) -> list[MCQuestion]:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from nacd.data.benchmarks import MCQuestion, scored_continuations, to_mc_questions
-from nacd.data.sources import DataSourceError, Record
+from nacd.data.sources import DataSourceError, Record, row_where, text_field
 
 FORMATS = ("alpaca", "messages", "dolly", "flan_cot", "arc", "mmlu")
 TEMPLATES = ("plain", "chat")
@@ -60,23 +60,16 @@ class InstructionExample:
 
 
 # --------------------------------------------------------------------------- adapters
-def mc_to_instruction(q: MCQuestion, source: str = "") -> InstructionExample:
+def mc_to_instruction(q: MCQuestion, source: str = "", benchmark: str | None = None) -> InstructionExample:
     """Question + labelled choices -> the answer as the evaluation scores it (ARC-Easy: the choice's
-    text; MMLU: its letter), so training on these rows teaches what ARC/MMLU accuracy measures."""
-    benchmark = "mmlu" if q.subject else "arc_easy"
+    text; MMLU: its letter), so training on these rows teaches what ARC/MMLU accuracy measures.
+    ``benchmark`` defaults to what the question shows (loaded MMLU questions carry a subject); a
+    user's MMLU-format rows may have none, so :func:`to_instructions` passes their format."""
+    benchmark = benchmark or ("mmlu" if q.subject else "arc_easy")
     lines = [q.question.strip()] + [f"{label}. {text.strip()}" for label, text in zip(q.labels, q.choices)]
     return InstructionExample(id=q.id, source=source or benchmark,
                               instruction=f"{MC_INSTRUCTION[benchmark]}\n\n" + "\n".join(lines),
                               response=scored_continuations(benchmark, q)[q.answer].strip())
-
-
-def _text(row: Record, key: str, where: str, required: bool = True) -> str:
-    value = row.get(key)
-    if value is None or (required and not str(value).strip()):
-        if required:
-            raise DataSourceError(f"{where}: field '{key}' is missing or empty")
-        return ""
-    return str(value)
 
 
 _ROLE = {"user": "user", "human": "user", "prompter": "user", "assistant": "assistant",
@@ -97,7 +90,9 @@ def _turns(row: Record, where: str) -> list[tuple[str, str]]:
         content = t.get("content", t.get("value"))
         if role is None or content is None:
             raise DataSourceError(f"{where}: turn {i} needs role/content (or from/value), got keys {sorted(t)}")
-        turns.append((role, str(content)))
+        if not isinstance(content, str):  # e.g. a list of content parts: its repr is no prompt
+            raise DataSourceError(f"{where}: turn {i}'s content must be a string, got {type(content).__name__}")
+        turns.append((role, content))
     return turns
 
 
@@ -114,16 +109,18 @@ def _from_flan(row: Record, where: str) -> tuple[str, str, str]:
     def unescape(s: str) -> str:
         return s.replace("\\n", "\n").strip()
 
-    question = unescape(_text(row, "question", where))
-    answer = unescape(_text(row, "answer", where))
-    rationale = unescape(_text(row, "rationale", where, required=False))
+    question = unescape(text_field(row, "question", where))
+    answer = unescape(text_field(row, "answer", where))
+    rationale = unescape(text_field(row, "rationale", where, required=False))
     response = f"{rationale} So the answer is {answer}." if rationale else answer
     return question, "", response
 
 
 ADAPTERS: dict[str, Callable[[Record, str], tuple[str, str, str]]] = {
-    "alpaca": lambda r, w: (_text(r, "instruction", w), _text(r, "input", w, False), _text(r, "output", w)),
-    "dolly": lambda r, w: (_text(r, "instruction", w), _text(r, "context", w, False), _text(r, "response", w)),
+    "alpaca": lambda r, w: (text_field(r, "instruction", w), text_field(r, "input", w, required=False),
+                            text_field(r, "output", w)),
+    "dolly": lambda r, w: (text_field(r, "instruction", w), text_field(r, "context", w, required=False),
+                           text_field(r, "response", w)),
     "messages": _from_messages,
     "flan_cot": _from_flan,
 }
@@ -148,20 +145,20 @@ def detect_format(row: Record, where: str = "") -> str:
 
 
 def to_instructions(rows: Sequence[Record], fmt: str, source: str) -> list[InstructionExample]:
-    """Adapt raw records; ids are the record's own ``id`` when it has one, else ``<source>/<index>``."""
+    """Adapt raw records; ids are the record's own ``id`` when it has one, else ``<source>/<index>``.
+    Errors name the row's file and line (:func:`nacd.data.sources.row_where`) and the field."""
     if not rows:
         return []
     if fmt == "auto":
-        fmt = detect_format(rows[0], f"{source} row 0")
+        fmt = detect_format(rows[0], row_where(rows, 0, source))
     if fmt in ("arc", "mmlu"):
-        return [mc_to_instruction(q, source) for q in
-                to_mc_questions("arc_easy" if fmt == "arc" else "mmlu", list(rows), source)]
+        benchmark = "arc_easy" if fmt == "arc" else "mmlu"
+        return [mc_to_instruction(q, source, benchmark) for q in to_mc_questions(benchmark, rows, source)]
     if fmt not in ADAPTERS:
         raise DataSourceError(f"{source}: unknown format '{fmt}' (known: auto, {', '.join(FORMATS)})")
     out = []
     for i, row in enumerate(rows):
-        where = f"{source} row {i}"
-        instruction, context, response = ADAPTERS[fmt](row, where)
+        instruction, context, response = ADAPTERS[fmt](row, row_where(rows, i, source))
         out.append(InstructionExample(id=str(row.get("id", f"{source}/{i}")), source=source,
                                       instruction=instruction.strip(), context=context.strip(),
                                       response=response.strip()))

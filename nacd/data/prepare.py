@@ -17,7 +17,7 @@ from typing import Any
 
 from nacd.config import DataConfig, DataSourceConfig, RunConfig
 from nacd.data.formats import InstructionExample, mix, render_row, to_instructions
-from nacd.data.sources import BUILTINS, load_records
+from nacd.data.sources import BUILTINS, DataSourceError, load_records
 from nacd.data.tokenization import ensure_pad_token, tokenize_example
 from nacd.data.variants import atomic_dir, write_json
 
@@ -32,9 +32,14 @@ def source_label(src: DataSourceConfig) -> str:
 
 
 def load_source(src: DataSourceConfig, data_dir: str | None, seed: int) -> list[InstructionExample]:
-    """One source as instruction examples; ``max_rows`` keeps a seeded subsample."""
+    """One source as instruction examples; ``max_rows`` keeps a seeded subsample. A source with no
+    rows is an error: in a mixture it would silently drop out (and from ``counts``), and a header-only
+    file or an empty split is a mistake, not a request."""
     label = source_label(src)
     examples = to_instructions(load_records(src.name, src.split, data_dir), src.format, label)
+    if not examples:
+        where = f" in data_dir {data_dir}" if src.name in BUILTINS and data_dir is not None else ""
+        raise DataSourceError(f"source '{src.name}' (split '{src.split}'{where}) has no rows")
     if src.max_rows is not None and len(examples) > src.max_rows:
         examples = random.Random(seed).sample(examples, src.max_rows)
     return examples
@@ -80,7 +85,25 @@ def read_prepared(dataset_dir: str | Path) -> dict:
     path = Path(dataset_dir) / PREPARE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{dataset_dir}: not a prepared dataset ({PREPARE_FILE} missing)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataSourceError(f"{path}: not valid JSON ({e}); run prepare-data again") from None
+    if not isinstance(info, dict):
+        raise DataSourceError(f"{path}: expected a JSON object, got {type(info).__name__}; run prepare-data again")
+    return info
+
+
+def _reusable(out_dir: Path, config: dict) -> dict | None:
+    """The summary of an earlier run with this config in ``out_dir``, else None. A prepare.json that
+    cannot be read (a crash or a hand edit) counts as no earlier output: re-running the step is
+    how a user repairs it, so it rebuilds the folder instead of failing on it."""
+    try:
+        done = read_prepared(out_dir)
+    except (FileNotFoundError, DataSourceError):
+        return None
+    summary = done.get("summary")
+    return summary if done.get("config") == config and isinstance(summary, dict) else None
 
 
 def prepare_data(cfg: RunConfig, out_dir: str | Path) -> dict:
@@ -92,10 +115,8 @@ def prepare_data(cfg: RunConfig, out_dir: str | Path) -> dict:
     config = {"data": cfg.data.model_dump(mode="json"), "tokenizer": cfg.source.name,
               "revision": cfg.source.revision}
     out_dir = Path(out_dir)
-    if (out_dir / PREPARE_FILE).is_file():
-        done = read_prepared(out_dir)
-        if done.get("config") == config:
-            return {**done["summary"], "reused": True}
+    if (done := _reusable(out_dir, config)) is not None:
+        return {**done, "reused": True}
     start = time.time()
     tokenizer = ensure_pad_token(load_tokenizer(cfg.source.name, cfg.source.revision), cfg.source.name)
     rows, counts = tokenize_rows(load_mixture(cfg.data), tokenizer, cfg.data)
@@ -105,7 +126,7 @@ def prepare_data(cfg: RunConfig, out_dir: str | Path) -> dict:
     fingerprint = _fingerprint(rows, cfg.source.name, cfg.data.template)
     summary = {"rows": len(rows), "counts": counts, "fingerprint": fingerprint,
                "tokens": sum(len(r["input_ids"]) for r in rows), "wall_s": round(time.time() - start, 2)}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, PREPARE_FILE) as tmp:
         datasets.Dataset.from_list(rows).save_to_disk(str(tmp / "hf"))
         write_json(tmp / PREPARE_FILE, {"fingerprint": fingerprint, "counts": counts,
                                          "tokenizer": cfg.source.name, "template": cfg.data.template,

@@ -1,8 +1,9 @@
 """Where raw records come from: local files, folders laid out like ``shared/data``, ``s3://`` URIs
 and hub ids.
 
-Every reader returns plain ``dict`` records and every failure is a :class:`DataSourceError` that
-names the file (and line, for line-oriented formats), so a bad row is found in seconds.
+Every reader returns plain ``dict`` records, as :class:`Records` that also know each record's
+file and line, and every failure is a :class:`DataSourceError` that names the file (and line, for
+line-oriented formats), so a bad row is found in seconds. Files are read as UTF-8.
 
 Built-in datasets (``arc_easy``, ``mmlu``, ``lima``, ``dolly_open_qa``, ``flan_v2_cot``) are read
 from ``data_dir`` when one is given (the layout of ``shared/data``, see :data:`BUILTINS`) and from
@@ -11,9 +12,11 @@ their hub id through ``datasets.load_dataset`` otherwise.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,26 +32,82 @@ class DataSourceError(ValueError):
     """A dataset cannot be found or read; the message names the file, line or field."""
 
 
+class Records(list):
+    """Records read from files, with ``where[i]``: the place record ``i`` came from, 1-based, as
+    errors name it: ``<file>:<line>`` for JSONL and CSV/TSV (the line the record starts on),
+    ``<file> item <n>`` for JSON, ``<file> row <n>`` for Parquet. Records from the hub are plain
+    lists (see :func:`row_where`)."""
+
+    def __init__(self, rows: Iterable[Record] = (), where: Iterable[str] = ()) -> None:
+        super().__init__(rows)
+        self.where = list(where)
+        if len(self.where) != len(self):
+            raise ValueError(f"{len(self)} records but {len(self.where)} places")
+
+    @classmethod
+    def concat(cls, parts: Iterable[Records]) -> Records:
+        parts = list(parts)
+        return cls([r for p in parts for r in p], [w for p in parts for w in p.where])
+
+
+def row_where(rows: Sequence[Record], i: int, source: str) -> str:
+    """Where row ``i`` came from, for errors: its file and line when a reader recorded them, else
+    ``<source> row <i+1>``."""
+    if isinstance(rows, Records):
+        return rows.where[i]
+    return f"{source} row {i + 1}"
+
+
+def text_field(row: Record, key: str, where: str, *, required: bool = True, allow_blank: bool = False) -> str:
+    """``row[key]`` as text. Text fields must be strings: ``str()`` of a list or object would put
+    its Python repr into a prompt. Missing (or null) is an error when ``required``, else "";
+    a blank value is an error when ``required`` and not ``allow_blank``."""
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise DataSourceError(f"{where}: field '{key}' is missing")
+        return ""
+    if not isinstance(value, str):
+        raise DataSourceError(f"{where}: field '{key}' must be a string, got {type(value).__name__} {value!r:.60}")
+    if required and not allow_blank and not value.strip():
+        raise DataSourceError(f"{where}: field '{key}' is empty")
+    return value
+
+
 # --------------------------------------------------------------------------- files
-def _read_jsonl(path: Path) -> list[Record]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataSourceError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataSourceError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
-def _read_json(path: Path) -> list[Record]:
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; other encodings (or binary files) fail naming the line of the first
+    undecodable byte, since the reader's own error names neither file nor line."""
+    data = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataSourceError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                              f"save the file as UTF-8") from None
+    return text.removeprefix("\ufeff")  # the byte-order mark Excel and Notepad write
+
+
+def _read_jsonl(path: Path) -> Records:
+    rows, where = [], []
+    # "\n" only: str.splitlines() would also split on U+2028 and friends, which JSON strings may hold
+    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataSourceError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataSourceError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+        where.append(f"{path}:{lineno}")
+    return Records(rows, where)
+
+
+def _read_json(path: Path) -> Records:
+    try:
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DataSourceError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if isinstance(data, dict):  # {"data": [...]} / {"train": [...]} wrappers
@@ -58,47 +117,50 @@ def _read_json(path: Path) -> list[Record]:
         data = lists[0]
     if not isinstance(data, list):
         raise DataSourceError(f"{path}: expected a JSON list of objects")
-    for i, row in enumerate(data):
+    where = [f"{path} item {i}" for i in range(1, len(data) + 1)]
+    for place, row in zip(where, data):
         if not isinstance(row, dict):
-            raise DataSourceError(f"{path}: item {i} is a {type(row).__name__}, expected an object")
-    return data
+            raise DataSourceError(f"{place}: expected a JSON object, got {type(row).__name__}")
+    return Records(data, where)
 
 
-def read_delimited(path: Path, delimiter: str, fieldnames: list[str] | None = None) -> list[Record]:
+def read_delimited(path: Path, delimiter: str, fieldnames: list[str] | None = None) -> Records:
     """CSV/TSV with a header row, or headerless with ``fieldnames`` (every row must have that many
     fields). Line numbers in errors are the physical line where the bad record starts."""
-    rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = fieldnames
-        start = 1
-        try:
-            for fields in reader:
-                lineno, start = start, reader.line_num + 1
-                if not fields:
-                    continue
-                if header is None:
-                    header = fields
-                    continue
-                if len(fields) != len(header):
-                    raise DataSourceError(f"{path}:{lineno}: expected {len(header)} fields "
-                                          f"({', '.join(header)}), found {len(fields)}")
-                rows.append(dict(zip(header, fields)))
-        except csv.Error as e:
-            raise DataSourceError(f"{path}:{reader.line_num}: {e}") from None
-    return rows
+    rows, where = [], []
+    # newline="": quoted fields may hold line breaks, which csv must see untranslated
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
+    header = fieldnames
+    start = 1
+    try:
+        for fields in reader:
+            lineno, start = start, reader.line_num + 1
+            if not fields:
+                continue
+            if header is None:
+                header = fields
+                continue
+            if len(fields) != len(header):
+                raise DataSourceError(f"{path}:{lineno}: expected {len(header)} fields "
+                                      f"({', '.join(header)}), found {len(fields)}")
+            rows.append(dict(zip(header, fields)))
+            where.append(f"{path}:{lineno}")
+    except csv.Error as e:
+        raise DataSourceError(f"{path}:{reader.line_num}: {e}") from None
+    return Records(rows, where)
 
 
-def _read_parquet(path: Path) -> list[Record]:
+def _read_parquet(path: Path) -> Records:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        rows = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise DataSourceError(f"{path}: not a readable Parquet file ({e})") from None
+    return Records(rows, (f"{path} row {i}" for i in range(1, len(rows) + 1)))
 
 
-def read_file(path: str | Path) -> list[Record]:
+def read_file(path: str | Path) -> Records:
     """Records of one local JSONL / JSON / CSV / TSV (header row) / Parquet file."""
     path = Path(path)
     if not path.is_file():
@@ -115,7 +177,7 @@ def read_file(path: str | Path) -> list[Record]:
     raise DataSourceError(f"{path}: unknown file type '{suffix}' (expected one of {', '.join(FILE_SUFFIXES)})")
 
 
-def read_folder(folder: Path, split: str) -> list[Record]:
+def read_folder(folder: Path, split: str) -> Records:
     """A user folder: ``<split>.<ext>`` or ``<split>/*.<ext>`` or every data file in it."""
     for suffix in FILE_SUFFIXES:
         if (folder / f"{split}{suffix}").is_file():
@@ -124,7 +186,7 @@ def read_folder(folder: Path, split: str) -> list[Record]:
     files = sorted(p for p in sub.iterdir() if p.suffix.lower() in FILE_SUFFIXES)
     if not files:
         raise DataSourceError(f"{folder}: no {split}.jsonl (or .json/.csv/.tsv/.parquet) and no data files")
-    return [row for p in files for row in read_file(p)]
+    return Records.concat(read_file(p) for p in files)
 
 
 # --------------------------------------------------------------------------- built-in datasets
@@ -149,32 +211,33 @@ def _local_file(rel: Callable[[str], str]) -> tuple[Callable, Callable]:
     def expected(root: Path, split: str) -> str:
         return str(root / rel(split))
 
-    def read(root: Path, split: str) -> list[Record]:
+    def read(root: Path, split: str) -> Records:
         return read_file(root / rel(split))
 
     return expected, read
 
 
-def _per_file(folder: Path, suffix: str, fields: list[str], key: str, what: str) -> list[Record]:
+def _per_file(folder: Path, suffix: str, fields: list[str], key: str, what: str) -> Records:
     """Headerless files ``<name><suffix>`` in one folder (MMLU subjects, FLAN CoT tasks): every row
     gets ``key`` = the file's ``<name>`` and a stable id ``<name>/<suffix>/<row>``."""
     files = sorted(folder.glob(f"*{suffix}"))
     if not files:
         raise DataSourceError(f"{what}: no <{key}>{suffix} files in {folder}")
-    rows = []
+    parts = []
     for path in files:
         name = path.name[: -len(suffix)]
-        for i, row in enumerate(read_delimited(path, "\t" if suffix.endswith(".tsv") else ",", fields)):
-            rows.append({**row, key: name, "id": f"{name}/{suffix.strip('_').split('.')[0]}/{i}"})
-    return rows
+        rows = read_delimited(path, "\t" if suffix.endswith(".tsv") else ",", fields)
+        parts.append(Records(({**row, key: name, "id": f"{name}/{suffix.strip('_').split('.')[0]}/{i}"}
+                              for i, row in enumerate(rows)), rows.where))
+    return Records.concat(parts)
 
 
-def _mmlu_local(root: Path, split: str) -> list[Record]:
+def _mmlu_local(root: Path, split: str) -> Records:
     d = MMLU_SPLIT_DIRS[split]
     return _per_file(root / "mmlu" / d, f"_{d}.csv", MMLU_FIELDS, "subject", f"MMLU {split}")
 
 
-def _flan_local(root: Path, split: str) -> list[Record]:
+def _flan_local(root: Path, split: str) -> Records:
     return _per_file(root / "flan_v2_cot", f"_{split}.tsv", FLAN_COT_FIELDS, "task", f"FLAN CoT {split}")
 
 
@@ -266,14 +329,25 @@ def _download_s3(uri: str, dest: Path) -> Path:
     return dest
 
 
+def _read_s3(uri: str, split: str) -> Records:
+    """An S3 file or folder, read from a temp copy; errors and row places name the URI, not the
+    temp path, which is gone by the time anyone reads the message."""
+    with tempfile.TemporaryDirectory(prefix="nacd-s3-") as tmp:
+        local = _download_s3(uri, Path(tmp))
+        try:
+            rows = read_file(local) if local.is_file() else read_folder(local, split)
+        except DataSourceError as e:
+            raise DataSourceError(str(e).replace(str(local), uri.rstrip("/"))) from None
+    return Records(rows, (w.replace(str(local), uri.rstrip("/"), 1) for w in rows.where))
+
+
 def load_records(name: str, split: str = "train", data_dir: str | Path | None = None) -> list[Record]:
-    """Raw records of a source: a built-in name, a local file or folder, an ``s3://`` URI or a hub id."""
+    """Raw records of a source: a built-in name, a local file or folder, an ``s3://`` URI or a hub id.
+    Records from files are :class:`Records`, which know each record's file and line."""
     if name in BUILTINS:
         return load_builtin(name, split, data_dir)
     if name.startswith("s3://"):
-        with tempfile.TemporaryDirectory(prefix="nacd-s3-") as tmp:
-            local = _download_s3(name, Path(tmp))
-            return read_file(local) if local.is_file() else read_folder(local, split)
+        return _read_s3(name, split)
     path = Path(name)
     if path.is_file():
         return read_file(path)

@@ -119,7 +119,7 @@ def evaluate(cfg: RunConfig, target: str, variant_name: str, variant_dir: str | 
             return json.loads((out_dir / SCORES_FILE).read_text())
     ft = cfg.evaluation.finetune_for(target)
     model, tokenizer = load_target(target)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, SCORES_FILE) as tmp:
         train_info: dict = {"trained": False}
         if variant_dir is not None:
             model, train_info = finetune(model, tokenizer, read_variant(variant_dir), ft)

@@ -36,6 +36,7 @@ from torch import nn
 
 from nacd import storage
 from nacd.config import LessConfig, RunConfig
+from nacd.data.prepare import PREPARE_FILE, read_prepared
 from nacd.models import ParamSpace
 from nacd.selection.common import (SelectionError, budget_for, load_pool, random_subset,
                                    variant_rows)
@@ -179,9 +180,8 @@ def checkpoint_scores(model: nn.Module, space: ParamSpace, ckpt: Checkpoint, poo
 
 
 def _pool_fingerprint(dataset_dir: Path, pool) -> str:
-    prep = dataset_dir / "prepare.json"
-    if prep.is_file():
-        fp = json.loads(prep.read_text()).get("fingerprint")
+    if (dataset_dir / PREPARE_FILE).is_file():
+        fp = read_prepared(dataset_dir).get("fingerprint")
         if fp:
             return str(fp)
     return hashlib.sha256(json.dumps(list(pool["id"])).encode()).hexdigest()
@@ -216,9 +216,10 @@ def _cached_scores(path: Path, compute: Callable[[], torch.Tensor]) -> torch.Ten
 
 def select_less(cfg: RunConfig, dataset_dir: str | Path, out_dir: str | Path, *, log=print) -> dict:
     """Write the ``less`` variant dataset plus ``less_scores.json`` (one score per pool row)."""
-    from nacd.data.variants import atomic_dir, write_variant
+    from nacd.data.variants import atomic_dir, check_replaceable, write_variant
     from nacd.models import load_model, load_tokenizer, make_trainable
 
+    check_replaceable(out_dir, SCORES_FILE)  # before minutes of warm-up, not after
     t0 = time.time()
     dataset_dir = Path(dataset_dir)
     lcfg = cfg.selection.less
@@ -279,7 +280,7 @@ def select_less(cfg: RunConfig, dataset_dir: str | Path, out_dir: str | Path, *,
             "checkpoints": len(ckpts), "proj_dim": lcfg.proj_dim}
     # The variant folder and less_scores.json appear together: both are written inside one temp
     # folder that replaces out_dir in a single rename.
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, SCORES_FILE) as tmp:
         write_variant(rows, tmp, meta)
         storage.write_json(str(tmp / SCORES_FILE), report)
     shutil.rmtree(work, ignore_errors=True)
