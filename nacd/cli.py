@@ -332,10 +332,13 @@ def cmd_upload(args: argparse.Namespace) -> int:
     package = Path(args.package)
     if not package.is_file():
         raise CliError(f"--package: file not found: {package}")
-    tolerations = json.loads(args.tolerations) if args.tolerations else []
-    if not isinstance(tolerations, list):
+    try:
+        tolerations = json.loads(args.tolerations) if args.tolerations else []
+    except json.JSONDecodeError as e:
+        raise CliError(f"--tolerations: not valid JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(tolerations, list) or not all(isinstance(t, dict) for t in tolerations):
         raise CliError("--tolerations: expected a JSON list of toleration objects")
-    text = module.customize_ir(package.read_text(), args.param, tolerations)
+    text = module.customize_ir(package.read_text(), args.param, tolerations, origin=str(package))
     with tempfile.TemporaryDirectory() as tmp:
         final = Path(tmp) / "nacd_pipeline.yaml"
         final.write_text(text)

@@ -17,7 +17,9 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are YAML floats (.inf, .nan) but no setting's value: a budget or lr of .inf
+    # would pass range checks and fail deep inside a stage
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- storage
@@ -141,6 +143,13 @@ class DistillConfig(Section):
     checkpoint_every: int = Field(10, gt=0)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _a_start_to_draw(self) -> DistillConfig:
+        if self.min_start >= self.max_start:
+            raise ValueError(f"min_start={self.min_start} leaves no start checkpoint below "
+                             f"max_start={self.max_start} (starts are drawn from min_start <= t < max_start)")
+        return self
+
 
 class SeedSelectionConfig(Section):
     """The K = budget real samples the synthetic set is built on (nacd.selection.seeds)."""
@@ -246,7 +255,7 @@ class EvaluationConfig(Section):
         try:
             return FinetuneConfig.model_validate(deep_merge(self.finetune.model_dump(), changes))
         except ValidationError as e:
-            raise ValueError(_format_validation_error(e, f"finetune_per_target.{target}")) from None
+            raise ValueError(format_validation_error(e, f"finetune_per_target.{target}")) from None
 
 
 # --------------------------------------------------------------------------- the run
@@ -283,7 +292,7 @@ def budget_count(budget: float, pool_size: int) -> int:
     return count
 
 
-def _format_validation_error(err: ValidationError, origin: str) -> str:
+def format_validation_error(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
@@ -303,7 +312,18 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     if not key.strip():
         raise ConfigError(f"--set {item!r}: empty key")
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
+    return key.strip().split("."), value
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's message on one line: the problem and where (1-based line and column)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -359,16 +379,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
     data = apply_overrides(data, overrides or [])
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, origin)) from None
+        raise ConfigError(format_validation_error(e, origin)) from None
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -26,7 +26,10 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from nacd.config import LESS_DEFAULT_TARGET_SPLIT, ConfigError, RunConfig, budget_count
+from pydantic import ValidationError
+
+from nacd.config import (LESS_DEFAULT_TARGET_SPLIT, ConfigError, RunConfig, budget_count,
+                         format_validation_error)
 
 SCALARS = ("name", "budget")
 SECTIONS = ("storage", "data", "source", "experts", "seed_selection", "distill", "selection",
@@ -77,8 +80,8 @@ def config_from_sections(**sections: Any) -> RunConfig:
         raise ConfigError(f"unknown config section(s): {sorted(unknown)}")
     try:
         return RunConfig.model_validate({k: v for k, v in sections.items() if v is not None})
-    except Exception as e:  # pydantic's message names the dotted key
-        raise ConfigError(f"pipeline parameters: {e}") from None
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "pipeline parameters")) from None
 
 
 def stage_params(cfg: RunConfig, stage: str) -> dict[str, Any]:
@@ -95,8 +98,8 @@ def params_from_overrides(items: Iterable[str], base: Mapping[str, Any] | None =
     apply_overrides(data, list(items))
     try:
         cfg = RunConfig.model_validate(data)
-    except Exception as e:
-        raise ConfigError(f"--param: {e}") from None
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "--param")) from None
     return config_to_params(cfg)
 
 
@@ -193,9 +196,10 @@ def expert_store_uri(cfg: RunConfig, dataset_dir: str, artifact_path: str) -> st
 
 
 def _dataset_fingerprint(dataset_dir: str) -> str:
-    meta = Path(dataset_dir) / "prepare.json"
-    if meta.is_file():
-        return json.loads(meta.read_text()).get("fingerprint", "")
+    from nacd.data.prepare import PREPARE_FILE, read_prepared
+
+    if (Path(dataset_dir) / PREPARE_FILE).is_file():
+        return read_prepared(dataset_dir).get("fingerprint", "")
     return hashlib.sha256(str(dataset_dir).encode()).hexdigest()
 
 

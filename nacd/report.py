@@ -14,7 +14,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 VARIANT_ORDER = ("distilled", "less", "random", "full", "none")
 REQUIRED = ("target", "variant", "benchmark", "acc")
@@ -39,15 +39,21 @@ class ScoreRow:
         missing = [k for k in REQUIRED if k not in row]
         if missing:
             raise ReportError(f"{where}: score row lacks {', '.join(missing)}")
-        try:
-            acc = float(row["acc"])
-        except (TypeError, ValueError):
-            raise ReportError(f"{where}: 'acc' is not a number: {row['acc']!r}") from None
-        acc_norm = row.get("acc_norm")
-        return cls(str(row["target"]), str(row["variant"]), str(row["benchmark"]), acc,
-                   None if acc_norm is None else float(acc_norm),
-                   None if row.get("n") is None else int(row["n"]),
-                   None if row.get("limit") is None else int(row["limit"]))
+        if row["acc"] is None:
+            raise ReportError(f"{where}: 'acc' is null")
+        return cls(str(row["target"]), str(row["variant"]), str(row["benchmark"]),
+                   _number(row, "acc", where, float), _number(row, "acc_norm", where, float),
+                   _number(row, "n", where, int), _number(row, "limit", where, int))
+
+
+def _number(row: dict, key: str, where: str, kind: type) -> Any:
+    """``row[key]`` as ``kind``; None where absent or null (only ``acc`` is required)."""
+    value = row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ReportError(f"{where}: '{key}' is not a{'n integer' if kind is int else ' number'}: {value!r}")
+    return kind(value)
 
 
 def read_scores(score_files: Iterable[str | os.PathLike]) -> list[ScoreRow]:

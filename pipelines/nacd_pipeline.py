@@ -143,7 +143,8 @@ def compile_pipeline(path: str, s3_secret: str = DEFAULT_S3_SECRET) -> str:
 RUN_SETTINGS = ("accelerator", "gpus_per_expert", "gpus_per_step")
 
 
-def customize_ir(ir_text: str, params: list[str], tolerations: list[dict] | None = None) -> str:
+def customize_ir(ir_text: str, params: list[str], tolerations: list[dict] | None = None,
+                 origin: str = "the pipeline") -> str:
     """A compiled pipeline with site settings applied, as the Helm hook uploads it.
 
     ``params`` (``storage.root=s3://b/p``, ``gpus_per_expert=4`` ...) become the defaults of the
@@ -151,11 +152,19 @@ def customize_ir(ir_text: str, params: list[str], tolerations: list[dict] | None
     GPU task (Kubernetes toleration dicts)."""
     import yaml
 
+    from nacd.config import ConfigError
     from nacd.pipeline_params import params_from_overrides
 
     docs = list(yaml.safe_load_all(ir_text))
-    spec = docs[0]
-    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    try:
+        spec = docs[0]
+        inputs = spec["root"]["inputDefinitions"]["parameters"]
+        spec["deploymentSpec"]["executors"]
+    except (IndexError, KeyError, TypeError):
+        raise ConfigError(f"{origin}: not a compiled nacd pipeline (no root.inputDefinitions.parameters "
+                          f"or deploymentSpec.executors); make one with `nacd compile`") from None
+    if missing := [k for k in (*RUN_SETTINGS, "storage", "distill") if k not in inputs]:
+        raise ConfigError(f"{origin}: not a compiled nacd pipeline: parameter(s) {missing} missing")
     run_items = [p for p in params if p.split("=", 1)[0] in RUN_SETTINGS]
     config_items = [p for p in params if p not in run_items]
     current = {k: v["defaultValue"] for k, v in inputs.items() if k not in RUN_SETTINGS}
@@ -163,6 +172,8 @@ def customize_ir(ir_text: str, params: list[str], tolerations: list[dict] | None
         inputs[key]["defaultValue"] = value
     for item in run_items:
         key, raw = item.split("=", 1)
+        if key != "accelerator" and not (raw.isdigit() and int(raw) > 0):
+            raise ConfigError(f"--param {item!r}: {key} is a positive whole number of GPUs")
         inputs[key]["defaultValue"] = raw if key == "accelerator" else int(raw)
     if tolerations:
         if len(docs) < 2:

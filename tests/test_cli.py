@@ -98,3 +98,43 @@ sys.exit(main(['compile', '-o', {str(tmp_path / 'p.yaml')!r}]))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "p.yaml").is_file()
+
+
+def test_a_step_refuses_an_out_folder_it_did_not_write(tmp_path, shared_data):
+    """`--out` naming a user's folder: exit 1 naming it, and its files kept (a stage's rerun
+    replaces only its own earlier output)."""
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("precious")
+    proc = nacd("step", "prepare-data", "--config", str(REPO / "configs" / "tiny.yaml"),
+                "--data-dir", str(shared_data), "--out", str(user), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert str(user) in proc.stderr and "choose another output path" in proc.stderr
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]
+    assert (user / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_upload_names_each_bad_input(tmp_path, capsys):
+    from nacd.cli import main
+
+    package = tmp_path / "p.yaml"
+    assert main(["compile", "-o", str(package)]) == 0
+    upload = ["upload", "--host", "http://unused", "--version", "v1", "--dry-run"]
+    cases = [
+        (["--package", str(REPO / "configs" / "quickstart.yaml")],
+         f"{REPO / 'configs' / 'quickstart.yaml'}: not a compiled nacd pipeline"),
+        (["--package", str(package), "--tolerations", "{bad"], "--tolerations: not valid JSON"),
+        (["--package", str(package), "--tolerations", "[1]"], "--tolerations: expected a JSON list of toleration objects"),
+        (["--package", str(package), "--param", "gpus_per_expert=abc"],
+         "--param 'gpus_per_expert=abc': gpus_per_expert is a positive whole number of GPUs"),
+        (["--package", str(package), "--param", "distil.iterations=3"], "--param: unknown key 'distil'"),
+        (["--package", str(package), "--param", "distill.iterations=0"], "--param: 'distill.iterations'"),
+    ]
+    capsys.readouterr()
+    for extra, needle in cases:
+        assert main(upload + extra) == 1, extra
+        err = capsys.readouterr().err
+        assert needle in err, (extra, err)
+    assert main(upload + ["--package", str(package), "--param", "distill.iterations=7"]) == 0
+    assert "iterations: 7" in capsys.readouterr().out

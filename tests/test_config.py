@@ -71,3 +71,28 @@ def test_per_target_finetune_recipe(tmp_path):
 def test_bad_per_target_recipe_is_named(change, match):
     with pytest.raises(ConfigError, match=match):
         load_config(overrides=[f"evaluation.finetune_per_target={{gemma3-270m: {change}}}"])
+
+
+@pytest.mark.parametrize("item, key", [("budget=.inf", "'budget'"), ("experts.lr=.inf", "'experts.lr'"),
+                                       ("distill.beta=.nan", "'distill.beta'")])
+def test_infinite_and_nan_values_are_refused(item, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(overrides=[item])
+
+
+def test_no_start_checkpoint_to_draw_is_refused_by_the_config():
+    with pytest.raises(ConfigError, match=r"'distill': min_start=4 leaves no start checkpoint below max_start=4"):
+        load_config(overrides=["distill.min_start=4"])
+    assert load_config(overrides=["distill.min_start=24", "distill.max_start=48"]).distill.min_start == 24
+
+
+def test_yaml_faults_name_where(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("distill:\n  iterations: 3\n  beta: [0.1,\n")
+    with pytest.raises(ConfigError, match=rf"{p}: not valid YAML: .* at line 4, column 1$"):
+        load_config(p)
+    p.write_bytes(b"distill:\n  iterations: \xff\n")
+    with pytest.raises(ConfigError, match=rf"{p}: not UTF-8 text"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"--set 'distill.iterations=\[1,': the value is not valid YAML"):
+        load_config(overrides=["distill.iterations=[1,"])

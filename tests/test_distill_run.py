@@ -336,7 +336,8 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_env, tmp_path):
     (empty / "seeds.json").write_text(json.dumps({"indices": []}))
     refused(tiny_cfg(), seeds=empty, match="empty")
     refused(tiny_cfg(max_start=3), match=r"has 4 checkpoints .* need checkpoint 4")
-    refused(tiny_cfg(min_start=2), match=r"distill.min_start=2 leaves no start checkpoint below distill.max_start=2")
+    with pytest.raises(ConfigError, match=r"'distill': min_start=2 leaves no start checkpoint below max_start=2"):
+        tiny_cfg(min_start=2)  # refused by the config, before any stage
     refused(tiny_cfg(), store=str(tmp_path / "no-store"), match="no committed expert")
     # experts of another parameter space (LoRA r=4) and of another model
     other = str(tmp_path / "other")

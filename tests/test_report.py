@@ -72,3 +72,20 @@ def test_bad_inputs_name_the_file(tmp_path):
     with pytest.raises(ReportError, match="no score rows"):
         write_report([empty], tmp_path / "out2")
     assert not (tmp_path / "out" / "report.html").exists()
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"acc": "high"}, "'acc' is not a number: 'high'"),
+    ({"acc": None}, "'acc' is null"),
+    ({"acc": 0.5, "acc_norm": "x"}, "'acc_norm' is not a number: 'x'"),
+    ({"acc": 0.5, "n": 12.5}, "'n' is not an integer: 12.5"),
+    ({"acc": 0.5, "limit": True}, "'limit' is not an integer: True"),
+])
+def test_a_score_that_is_not_a_number_is_named(tmp_path, fields, needle):
+    bad = tmp_path / "scores.json"
+    bad.write_text(json.dumps([{"target": "t", "variant": "random", "benchmark": "arc_easy", "acc": 0.5},
+                               {"target": "t", "variant": "none", "benchmark": "arc_easy", **fields}]))
+    with pytest.raises(ReportError, match=r"scores.json\[1\]: ") as err:
+        write_report([bad], tmp_path / "out")
+    assert needle in str(err.value)
+    assert not (tmp_path / "out").exists()

@@ -72,13 +72,6 @@ def check_experts(experts: Sequence[Trajectory], space: ParamSpace, cfg: Distill
     """Every expert has this model's layout and enough checkpoints for every allowed start."""
     if not experts:
         raise DistillError("the trajectory store has no committed expert: run train_experts first")
-    if cfg.expert_epochs <= 0:
-        raise DistillError(f"distill.expert_epochs (M) must be > 0, got {cfg.expert_epochs}")
-    if cfg.max_start <= 0:
-        raise DistillError(f"distill.max_start must be > 0, got {cfg.max_start}")
-    if not 0 <= cfg.min_start < cfg.max_start:
-        raise DistillError(f"distill.min_start={cfg.min_start} leaves no start checkpoint below "
-                           f"distill.max_start={cfg.max_start}")
     for traj in experts:
         manifest = traj.manifest
         if "param_space" not in manifest:
