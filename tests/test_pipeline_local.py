@@ -79,7 +79,8 @@ def test_rerun_and_changed_distill(first_run, shared_data):
     changed = nacd("run", "--config", str(TINY), "--data-dir", str(shared_data), "--root",
                    str(work / "runs"), "--set", "distill.iterations=4", cwd=work)
     plain, loops = executed_dirs(run_dir_of(changed))
-    assert plain == {"distill", "project-ids", "report"}, plain
+    # check-config reads the whole config, so any change reruns it (seconds, and it must check it)
+    assert plain == {"check-config", "distill", "project-ids", "report"}, plain
     targets = load_config(TINY).evaluation.targets
     assert len(loops) == len(targets) and len({name.split("-iteration-")[0] for name in loops}) == 1
     # the unchanged variants' scores are the first run's, the distilled ones were recomputed
@@ -98,7 +99,7 @@ def test_less_seeds_run_through_the_dag(first_run, shared_data):
                 str(work / "runs"), "--set", "seed_selection.method=less", cwd=work)
     run_dir = run_dir_of(less)
     plain, _ = executed_dirs(run_dir)
-    assert plain == {"select-seeds", "distill", "project-ids", "report"}, plain
+    assert plain == {"check-config", "select-seeds", "distill", "project-ids", "report"}, plain
     picked = json.loads((run_dir / "select-seeds" / "seeds" / "seeds.json").read_text())
     less_ids = [json.loads(line)["id"] for line in
                 (first_dir / "select-less" / "variant" / "data.jsonl").read_text().splitlines()]
