@@ -19,7 +19,7 @@ from nacd.config import DataConfig, DataSourceConfig, RunConfig
 from nacd.data.formats import InstructionExample, mix, render_row, to_instructions
 from nacd.data.sources import BUILTINS, DataSourceError, load_records
 from nacd.data.tokenization import ensure_pad_token, tokenize_example
-from nacd.data.variants import atomic_dir, write_json
+from nacd.data.variants import atomic_dir, read_json_object, write_json
 
 PREPARE_FILE = "prepare.json"
 
@@ -82,16 +82,8 @@ def tokenize_rows(examples: list[InstructionExample], tokenizer: Any, cfg: DataC
 
 
 def read_prepared(dataset_dir: str | Path) -> dict:
-    path = Path(dataset_dir) / PREPARE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{dataset_dir}: not a prepared dataset ({PREPARE_FILE} missing)")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataSourceError(f"{path}: not valid JSON ({e}); run prepare-data again") from None
-    if not isinstance(info, dict):
-        raise DataSourceError(f"{path}: expected a JSON object, got {type(info).__name__}; run prepare-data again")
-    return info
+    return read_json_object(Path(dataset_dir) / PREPARE_FILE, DataSourceError, "a prepared dataset",
+                            "; run prepare-data again")
 
 
 def _reusable(out_dir: Path, config: dict) -> dict | None:
@@ -100,7 +92,7 @@ def _reusable(out_dir: Path, config: dict) -> dict | None:
     how a user repairs it, so it rebuilds the folder instead of failing on it."""
     try:
         done = read_prepared(out_dir)
-    except (FileNotFoundError, DataSourceError):
+    except DataSourceError:
         return None
     summary = done.get("summary")
     return summary if done.get("config") == config and isinstance(summary, dict) else None

@@ -68,6 +68,20 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def read_json_object(path: Path, error: type[Exception], what: str, hint: str = "") -> dict:
+    """A stage's JSON record (``what`` names it when missing), as a dict; any fault is ``error``
+    naming ``path``, with ``hint`` (what to do) appended."""
+    if not path.is_file():
+        raise error(f"{path.parent}: not {what} ({path.name} missing)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e}){hint}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: a JSON object is expected, not {type(data).__name__}{hint}")
+    return data
+
+
 def _check_rows(rows: Sequence[Any], where: Callable[[int], str] = lambda i: f"variant row {i}") -> list[dict]:
     """Rows as a variant holds them; ``where(i)`` names row i in errors (a file line, when read)."""
     if not rows:
@@ -115,14 +129,7 @@ def write_variant(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, meta: 
 
 def read_variant_meta(variant_dir: str | Path) -> dict:
     path = Path(variant_dir) / META_FILE
-    if not path.is_file():
-        raise VariantError(f"{variant_dir}: not a complete variant dataset ({META_FILE} missing)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VariantError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise VariantError(f"{path}: a JSON object is expected, not {type(meta).__name__}")
+    meta = read_json_object(path, VariantError, "a complete variant dataset")
     rows = meta.get("rows")
     if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
         raise VariantError(f"{path}: 'rows' must be a positive integer (the row count), got {rows!r}")
