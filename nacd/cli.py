@@ -338,7 +338,11 @@ def cmd_upload(args: argparse.Namespace) -> int:
         raise CliError(f"--tolerations: not valid JSON ({e.msg} at character {e.pos})") from None
     if not isinstance(tolerations, list) or not all(isinstance(t, dict) for t in tolerations):
         raise CliError("--tolerations: expected a JSON list of toleration objects")
-    text = module.customize_ir(package.read_text(), args.param, tolerations, origin=str(package))
+    try:
+        ir_text = package.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CliError(f"--package {package}: not a compiled nacd pipeline (not UTF-8 text)") from None
+    text = module.customize_ir(ir_text, args.param, tolerations, origin=str(package))
     with tempfile.TemporaryDirectory() as tmp:
         final = Path(tmp) / "nacd_pipeline.yaml"
         final.write_text(text)

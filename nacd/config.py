@@ -305,17 +305,19 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
     return "; ".join(lines)
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], value); the value is parsed as YAML (1e-3, true, [a, b])."""
+def parse_override(item: str, flag: str = "--set") -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value); the value is parsed as YAML (1e-3, true, [a, b]).
+    Errors name ``flag`` (``--set``, ``--param``) and the item."""
+    where = f"{flag} {item!r}"
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. distill.iterations=20")
+        raise ConfigError(f"{where}: expected KEY=VALUE, e.g. distill.iterations=20")
     key, raw = item.split("=", 1)
     if not key.strip():
-        raise ConfigError(f"--set {item!r}: empty key")
+        raise ConfigError(f"{where}: empty key")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
+        raise ConfigError(f"{where}: the value is not valid YAML ({_yaml_problem(e)})") from None
     return key.strip().split("."), value
 
 
@@ -326,48 +328,49 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict, overrides: list[str], flag: str = "--set") -> dict:
     """Set each ``a.b.c=value`` in the nested ``data``; a numeric part indexes a list that the
-    data already holds (``evaluation.benchmarks.0.limit=20``)."""
+    data already holds (``evaluation.benchmarks.0.limit=20``). Errors name ``flag``."""
     for item in overrides:
-        path, value = parse_override(item)
+        path, value = parse_override(item, flag)
+        where = f"{flag} {item!r}"
         node: Any = data
         for part, nxt in zip(path[:-1], path[1:]):
-            node = _child(node, part, item, make_list=nxt.isdigit())
-        _assign(node, path[-1], value, item)
+            node = _child(node, part, where, make_list=nxt.isdigit())
+        _assign(node, path[-1], value, where)
     return data
 
 
-def _child(node: Any, part: str, item: str, make_list: bool) -> Any:
+def _child(node: Any, part: str, where: str, make_list: bool) -> Any:
     if isinstance(node, list):
-        return _list_item(node, part, item)
+        return _list_item(node, part, where)
     if not isinstance(node, dict):
-        raise ConfigError(f"--set {item!r}: '{part}' is not inside a section")
+        raise ConfigError(f"{where}: '{part}' is not inside a section")
     if part not in node:
         if make_list:  # the list lives in the schema defaults, not in this file: spell it out
-            raise ConfigError(f"--set {item!r}: '{part}' is not set in the config file; "
-                              f"set the whole list, e.g. --set '{part}=[...]'")
+            raise ConfigError(f"{where}: '{part}' is not set in the config file; "
+                              f"set the whole list, e.g. {where.split()[0]} '{part}=[...]'")
         node[part] = {}
     child = node[part]
     if not isinstance(child, (dict, list)):
-        raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+        raise ConfigError(f"{where}: '{part}' is not a section")
     return child
 
 
-def _list_item(node: list, part: str, item: str) -> Any:
+def _list_item(node: list, part: str, where: str) -> Any:
     if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"--set {item!r}: index '{part}' is not in a list of {len(node)}")
+        raise ConfigError(f"{where}: index '{part}' is not in a list of {len(node)}")
     return node[int(part)]
 
 
-def _assign(node: Any, key: str, value: Any, item: str) -> None:
+def _assign(node: Any, key: str, value: Any, where: str) -> None:
     if isinstance(node, list):
-        _list_item(node, key, item)
+        _list_item(node, key, where)
         node[int(key)] = value
     elif isinstance(node, dict):
         node[key] = value
     else:
-        raise ConfigError(f"--set {item!r}: '{key}' is not inside a section")
+        raise ConfigError(f"{where}: '{key}' is not inside a section")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -95,7 +95,7 @@ def params_from_overrides(items: Iterable[str], base: Mapping[str, Any] | None =
     from nacd.config import apply_overrides
 
     data = json.loads(json.dumps(dict(base or default_params())))
-    apply_overrides(data, list(items))
+    apply_overrides(data, list(items), flag="--param")
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:

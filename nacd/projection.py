@@ -123,10 +123,11 @@ def project_ids(cfg, synthetic_dir: str | Path, out_dir: str | Path) -> dict:
     ``text`` = prompt + response. The pieces are concatenated without a separator, as the student
     saw them. Decoding then re-tokenising need not give back the same ids (tokenizers merge
     across the boundary); the ids are kept in ``projected_ids``."""
-    from nacd.data.variants import write_variant
+    from nacd.data.variants import META_FILE, check_replaceable, write_variant
     from nacd.distill.synthetic import SyntheticSet
     from nacd.models import input_embedding_matrix, load_model, load_tokenizer
 
+    check_replaceable(out_dir, META_FILE)  # before the nearest-neighbour search, not after
     t0 = time.perf_counter()
     syn = SyntheticSet.from_pretrained(synthetic_dir)
     source = syn.meta.get("source_model") or {}

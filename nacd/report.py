@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -51,7 +52,8 @@ def _number(row: dict, key: str, where: str, kind: type) -> Any:
     value = row.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or (kind is int and value != int(value))):
         raise ReportError(f"{where}: '{key}' is not a{'n integer' if kind is int else ' number'}: {value!r}")
     return kind(value)
 

@@ -155,7 +155,10 @@ def customize_ir(ir_text: str, params: list[str], tolerations: list[dict] | None
     from nacd.config import ConfigError
     from nacd.pipeline_params import params_from_overrides
 
-    docs = list(yaml.safe_load_all(ir_text))
+    try:
+        docs = list(yaml.safe_load_all(ir_text))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{origin}: not a compiled nacd pipeline (not YAML: {str(e).splitlines()[0]})") from None
     try:
         spec = docs[0]
         inputs = spec["root"]["inputDefinitions"]["parameters"]

@@ -151,3 +151,25 @@ def test_an_empty_folder_or_an_earlier_output_is_replaced_and_a_stage_must_finis
             (tmp / "data.jsonl").write_text("half")
     assert sorted(p.name for p in final.iterdir()) == ["variant.json"], "the earlier output is kept"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_prepare_and_project_refuse_a_foreign_out_before_their_work(tmp_path, monkeypatch):
+    """The check runs before the stage's work: its first library call is never reached."""
+    from nacd.config import RunConfig
+    from nacd.data import prepare
+    from nacd.data.variants import OutputError
+    from nacd.projection import project_ids
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("precious")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the stage's work started")
+
+    monkeypatch.setattr(prepare, "tokenize_rows", never)
+    with pytest.raises(OutputError, match="choose another output path"):
+        prepare.prepare_data(RunConfig(), foreign)
+    with pytest.raises(OutputError, match="choose another output path"):
+        project_ids(RunConfig(), tmp_path / "no-synthetic", foreign)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]

@@ -121,7 +121,13 @@ def test_upload_names_each_bad_input(tmp_path, capsys):
     package = tmp_path / "p.yaml"
     assert main(["compile", "-o", str(package)]) == 0
     upload = ["upload", "--host", "http://unused", "--version", "v1", "--dry-run"]
+    (tmp_path / "notes.txt").write_text("a: b: c\n")
+    (tmp_path / "blob.bin").write_bytes(b"\xff\xfe\x00")
     cases = [
+        (["--package", str(tmp_path / "notes.txt")], f"{tmp_path / 'notes.txt'}: not a compiled nacd pipeline (not YAML"),
+        (["--package", str(tmp_path / "blob.bin")], f"--package {tmp_path / 'blob.bin'}: not a compiled nacd pipeline"),
+        (["--package", str(package), "--param", "distill.iterations=[1,"],
+         "--param 'distill.iterations=[1,': the value is not valid YAML"),
         (["--package", str(REPO / "configs" / "quickstart.yaml")],
          f"{REPO / 'configs' / 'quickstart.yaml'}: not a compiled nacd pipeline"),
         (["--package", str(package), "--tolerations", "{bad"], "--tolerations: not valid JSON"),

@@ -139,15 +139,25 @@ def test_row_errors_name_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("row,field", [
-    ({"instruction": ["a"], "output": {"x": 1}}, "field 'instruction' must be a string, got list"),
-    ({"instruction": "a", "input": 3, "output": "b"}, "field 'input' must be a string, got int"),
+    ({"instruction": ["a"], "output": {"x": 1}}, "field 'instruction' must be text or a number, got list"),
+    ({"instruction": "a", "input": True, "output": "b"}, "field 'input' must be text or a number, got bool"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
                    {"role": "assistant", "content": "a"}]}, "turn 0's content must be a string, got list")])
-def test_text_fields_must_be_strings(tmp_path, row, field):
+def test_text_fields_must_be_text(tmp_path, row, field):
     path = tmp_path / "wrongtype.jsonl"
     path.write_text("\n" + json.dumps(row) + "\n")  # the row is on line 2: blank lines count
     with pytest.raises(DataSourceError, match=rf"^{re.escape(str(path))}:2: {field}"):
         to_instructions(load_records(str(path)), "auto", "wrongtype")
+
+
+def test_a_numeric_answer_is_text(tmp_path):
+    """A numeric column (gsm8k's answers once pandas or Parquet has read them) is its text."""
+    path = tmp_path / "flan.jsonl"
+    path.write_text(json.dumps({"question": "2+2?", "answer": 4, "rationale": "2 and 2 make 4."}) + "\n"
+                    + json.dumps({"instruction": "Half of 3?", "output": 1.5}) + "\n")
+    flan = to_instructions(load_records(str(path))[:1], "flan_cot", "flan")
+    alpaca = to_instructions(load_records(str(path))[1:], "alpaca", "alpaca")
+    assert flan[0].response == "2 and 2 make 4. So the answer is 4." and alpaca[0].response == "1.5"
 
 
 def test_empty_source_is_an_error_naming_it(tmp_path):

@@ -80,6 +80,8 @@ def test_bad_inputs_name_the_file(tmp_path):
     ({"acc": 0.5, "acc_norm": "x"}, "'acc_norm' is not a number: 'x'"),
     ({"acc": 0.5, "n": 12.5}, "'n' is not an integer: 12.5"),
     ({"acc": 0.5, "limit": True}, "'limit' is not an integer: True"),
+    ({"acc": 0.5, "n": float("inf")}, "'n' is not an integer: inf"),
+    ({"acc": float("nan")}, "'acc' is not a number: nan"),
 ])
 def test_a_score_that_is_not_a_number_is_named(tmp_path, fields, needle):
     bad = tmp_path / "scores.json"

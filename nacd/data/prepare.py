@@ -19,7 +19,7 @@ from nacd.config import DataConfig, DataSourceConfig, RunConfig
 from nacd.data.formats import InstructionExample, mix, render_row, to_instructions
 from nacd.data.sources import BUILTINS, DataSourceError, load_records
 from nacd.data.tokenization import ensure_pad_token, tokenize_example
-from nacd.data.variants import atomic_dir, read_json_object, write_json
+from nacd.data.variants import atomic_dir, check_replaceable, read_json_object, write_json
 
 PREPARE_FILE = "prepare.json"
 
@@ -109,6 +109,7 @@ def prepare_data(cfg: RunConfig, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     if (done := _reusable(out_dir, config)) is not None:
         return {**done, "reused": True}
+    check_replaceable(out_dir, PREPARE_FILE)  # before the tokenising, not after
     start = time.time()
     tokenizer = ensure_pad_token(load_tokenizer(cfg.source.name, cfg.source.revision), cfg.source.name)
     rows, counts = tokenize_rows(load_mixture(cfg.data), tokenizer, cfg.data)

@@ -59,16 +59,20 @@ def row_where(rows: Sequence[Record], i: int, source: str) -> str:
 
 
 def text_field(row: Record, key: str, where: str, *, required: bool = True, allow_blank: bool = False) -> str:
-    """``row[key]`` as text. Text fields must be strings: ``str()`` of a list or object would put
-    its Python repr into a prompt. Missing (or null) is an error when ``required``, else "";
+    """``row[key]`` as text. Text fields are strings, or numbers (a numeric answer column read by
+    pandas or Parquet is one): ``str()`` of a list or object would put its Python repr into a
+    prompt, so those are refused. Missing (or null) is an error when ``required``, else "";
     a blank value is an error when ``required`` and not ``allow_blank``."""
     value = row.get(key)
     if value is None:
         if required:
             raise DataSourceError(f"{where}: field '{key}' is missing")
         return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
     if not isinstance(value, str):
-        raise DataSourceError(f"{where}: field '{key}' must be a string, got {type(value).__name__} {value!r:.60}")
+        raise DataSourceError(f"{where}: field '{key}' must be text or a number, got "
+                              f"{type(value).__name__} {value!r:.60}")
     if required and not allow_blank and not value.strip():
         raise DataSourceError(f"{where}: field '{key}' is empty")
     return value

@@ -33,7 +33,9 @@ def check_replaceable(out_dir: str | Path, marker: str) -> None:
     output of the same stage (which holds ``marker``, the file the stage writes last): replacing
     a stage's output removes the folder, and a mistyped ``--out`` must not remove a user's files."""
     final = Path(out_dir)
-    if final.is_symlink() or (final.exists() and not final.is_dir()):
+    if final.is_symlink():  # the rename would replace the link, not the folder it points to
+        raise OutputError(f"{final}: is a symbolic link; give the folder's own path or another one")
+    if final.exists() and not final.is_dir():
         raise OutputError(f"{final}: exists and is not a folder; choose another output path")
     if final.is_dir() and not (final / marker).is_file() and any(final.iterdir()):
         raise OutputError(f"{final}: a folder with other content ({marker} missing, so not an "
