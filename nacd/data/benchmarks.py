@@ -12,14 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from nacd.data.sources import (
-    BUILTINS,
-    DataSourceError,
-    Record,
-    load_builtin,
-    row_where,
-    text_field,
-)
+from nacd.data.sources import BUILTINS, DataSourceError, Record, load_builtin, row_where, text_field
 
 BENCHMARKS = ("arc_easy", "mmlu")
 BenchmarkName = Literal["arc_easy", "mmlu"]
