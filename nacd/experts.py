@@ -47,7 +47,7 @@ import torch
 
 from nacd import storage as sio
 from nacd.config import ExpertsConfig, RunConfig, StorageConfig, dump_config, load_config
-from nacd.data.prepare import PREPARE_FILE, read_prepared
+from nacd.data.prepare import prepared_fingerprint
 from nacd.models import ParamSpace, load_model, make_trainable
 from nacd.trajectories import (MANIFEST, TrajectoryError, TrajectoryWriter, WriterState, expert_name,
                                expert_uri, open_store)
@@ -162,9 +162,8 @@ def _read_token_rows(folder: Path) -> TokenRows:
     for k, (x, y) in enumerate(zip(ids, labels)):
         if len(x) != len(y) or not x:
             raise ExpertError(f"{hf}: row {k}: input_ids and labels differ in length or are empty")
-    if (folder / PREPARE_FILE).is_file():
-        fingerprint = read_prepared(folder)["fingerprint"]
-    else:
+    fingerprint = prepared_fingerprint(folder)
+    if fingerprint is None:
         h = hashlib.sha256()
         for x, y in zip(ids, labels):
             h.update(json.dumps([x, y]).encode())

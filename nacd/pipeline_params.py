@@ -196,10 +196,10 @@ def expert_store_uri(cfg: RunConfig, dataset_dir: str, artifact_path: str) -> st
 
 
 def _dataset_fingerprint(dataset_dir: str) -> str:
-    from nacd.data.prepare import PREPARE_FILE, read_prepared
+    from nacd.data.prepare import prepared_fingerprint
 
-    if (Path(dataset_dir) / PREPARE_FILE).is_file():
-        return read_prepared(dataset_dir).get("fingerprint", "")
+    if (fingerprint := prepared_fingerprint(dataset_dir)) is not None:
+        return fingerprint
     return hashlib.sha256(str(dataset_dir).encode()).hexdigest()
 
 

@@ -86,6 +86,13 @@ def read_prepared(dataset_dir: str | Path) -> dict:
                             "; run prepare-data again")
 
 
+def prepared_fingerprint(dataset_dir: str | Path) -> str | None:
+    """The fingerprint recorded by prepare_data, or None for a folder it did not write."""
+    if not (Path(dataset_dir) / PREPARE_FILE).is_file():
+        return None
+    return read_prepared(dataset_dir).get("fingerprint") or None
+
+
 def _reusable(out_dir: Path, config: dict) -> dict | None:
     """The summary of an earlier run with this config in ``out_dir``, else None. A prepare.json that
     cannot be read (a crash or a hand edit) counts as no earlier output: re-running the step is

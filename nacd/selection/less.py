@@ -36,7 +36,7 @@ from torch import nn
 
 from nacd import storage
 from nacd.config import LessConfig, RunConfig
-from nacd.data.prepare import PREPARE_FILE, read_prepared
+from nacd.data.prepare import prepared_fingerprint
 from nacd.models import ParamSpace
 from nacd.selection.common import (SelectionError, budget_for, load_pool, random_subset,
                                    variant_rows)
@@ -180,10 +180,8 @@ def checkpoint_scores(model: nn.Module, space: ParamSpace, ckpt: Checkpoint, poo
 
 
 def _pool_fingerprint(dataset_dir: Path, pool) -> str:
-    if (dataset_dir / PREPARE_FILE).is_file():
-        fp = read_prepared(dataset_dir).get("fingerprint")
-        if fp:
-            return str(fp)
+    if (fingerprint := prepared_fingerprint(dataset_dir)) is not None:
+        return str(fingerprint)
     return hashlib.sha256(json.dumps(list(pool["id"])).encode()).hexdigest()
 
 
